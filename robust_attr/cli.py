@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_cli.ipynb #a7e404a3
 from __future__ import annotations
-import argparse, ast, json, sys, time
+import argparse, ast, contextlib, json, sys, time
 from pathlib import Path
 
 # %% auto #0
@@ -37,7 +37,7 @@ def train(data:str='digits', # data set name (`robust_attr.data.DATASETS`)
           progress:bool=True, # fastai progress bar and table
           **method_kwargs): # parameters of the method's callback
     "Train `arch` on `data` with `method`, save it to `out`, return the fastai `Learner`."
-    from fastai.torch_core import set_seed
+    from fastai.torch_core import set_seed, rank_distrib
     from robust_attr.data import get_dls
     from robust_attr.train import robust_learner
     from robust_attr.models import save_model
@@ -45,13 +45,21 @@ def train(data:str='digits', # data set name (`robust_attr.data.DATASETS`)
     dls = get_dls(data, path=path, bs=bs, n_train=n_train, n_valid=n_valid, seed=seed)
     learn = robust_learner(dls, method, arch=arch, init=init, lr=lr, **method_kwargs)
     start = time.time()
-    if progress: learn.fit(epochs)
-    else:
-        with learn.no_bar(), learn.no_logging(): learn.fit(epochs)
+    with _distrib_ctx(learn):
+        if progress: learn.fit(epochs)
+        else:
+            with learn.no_bar(), learn.no_logging(): learn.fit(epochs)
     meta = dict(data=data, method=method, epochs=epochs, n_train=len(dls.train_ds), lr=lr, seed=seed, init=str(init),
                 seconds=round(time.time()-start, 1), params={k: v for k,v in method_kwargs.items() if isinstance(v, (int, float, str, bool))})
-    save_model(learn.model, out, **meta)
+    if rank_distrib()==0: save_model(learn.model, out, **meta)
     return learn
+
+def _distrib_ctx(learn):
+    "`learn.distrib_ctx()` when launched by `torchrun` or `accelerate launch`, else a no-op."
+    from fastai.torch_core import num_distrib
+    if not num_distrib(): return contextlib.nullcontext()
+    import robust_attr.distributed # backend-aware `distrib_ctx`: NCCL on GPUs, gloo on CPUs
+    return learn.distrib_ctx()
 
 # %% ../nbs/12_cli.ipynb #0a8a4822
 def evaluate_saved(model, # path of a `save_model` checkpoint
