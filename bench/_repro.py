@@ -258,12 +258,13 @@ def paired_ci(res:dict, key:str, base:str='nat'):
 # ---------------------------------------------------------------------------------------------------
 
 def write_eval_set(x, y, directory):
-    "Write `(x, y)` as the test (and, as a placeholder, train) IDX files of a Fashion-MNIST directory."
+    "Write `(x, y)` as the test IDX files of a Fashion-MNIST directory (uncompressed: byte-identical on re-runs)."
     d = Path(directory); d.mkdir(parents=True, exist_ok=True)
-    imgs = (x[:, 0]*255).round().to(torch.uint8).numpy()
-    for split in ('test', 'train'):
+    for old in d.glob('*-ubyte*'): old.unlink()
+    imgs, labels = (x[:, 0]*255).round().to(torch.uint8).numpy(), y.to(torch.uint8).numpy()
+    for split, n in (('test', len(x)), ('train', 1)):  # the reader wants train files too: one image as a placeholder
         fx, fy = IDX_FILES[split]
-        write_idx(imgs, d/f'{fx}.gz'); write_idx(y.to(torch.uint8).numpy(), d/f'{fy}.gz')
+        write_idx(imgs[:n], d/fx); write_idx(labels[:n], d/fy)
     return d
 
 # ---------------------------------------------------------------------------------------------------

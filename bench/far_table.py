@@ -136,7 +136,7 @@ def markdown(out:dict):
               f"load average at start {out['env']['load_start']}, at end {out['load_end']}.",
               f"Command: `{out['env']['command']}`", '',
               'Evaluation images: `' + out['eval_set'] + '` (IDX). To re-check one model with the CLI:', '',
-              f"    {out['cli_check']}", '']
+              f"    {out['cli_check']}", f"    {out['cli_check_accuracy']}", '']
     return '\n'.join(lines)
 
 # ---------------------------------------------------------------------------------------------------
@@ -204,7 +204,11 @@ def run(b:Budget, seed:int, out_dir:Path, mdir:Path, reuse:bool=False, log=print
                seconds=round(time.time()-start, 1), train_seconds=round(train_seconds, 1),
                eval_seconds=round(eval_seconds, 1), load_end=load_now(),
                cli_check=f"robust_attr evaluate --model {rel(mdir)}/aat.pth --data {DATA} --path {rel(eval_set)} "
-                         f"--n {p.n} {sets} --set aa=False --set seed={seed}  # gives this table's IN/CO for AAT")
+                         f"--n {p.n} {sets} --set aa=False --set seed={seed}  # gives this table's IN/CO for AAT",
+               cli_check_accuracy=f"robust_attr evaluate --model {rel(mdir)}/aat.pth --data {DATA} --n 1 --set ifia_steps=1 "
+                                  f"--set pgd_steps={p.pgd_steps} --set aa_n={b.aa_n} --set seed={seed}  # gives AA"
+                                  + (" and NA" if b.n_test is None else " (NA: on all 10k test images, the table used "
+                                     f"the first {b.n_test})"))
     write_json(out_dir/f'{stem}.json', out)
     (out_dir/f'{stem}.md').write_text(markdown(out))
     log(f"wrote {out_dir/stem}.md/.json in {hms(out['seconds'])}")
