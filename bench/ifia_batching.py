@@ -14,7 +14,7 @@ input gradient; score: the validity forward pass, the measured maps and Kendall)
 bookkeeping and projection. Writes bench/results/ifia_batching.{md,json} (--quick: *_quick).
 """
 from __future__ import annotations
-import argparse, time, warnings
+import argparse, dataclasses, time, warnings
 from collections import defaultdict
 import torch
 import robust_attr.attacks as attacks
@@ -68,6 +68,40 @@ def row_scaling(model, rows=(1, 10, 50, 256, 1000, 5000), reps=3):
                 ts.append(time.perf_counter() - start)
             out[n] = min(ts) / n
     return out
+
+KERNELS = {'convolution': ('convolution',), 'fully connected (mm, addmm)': ('aten::mm', 'aten::addmm'),
+           'max pooling': ('max_pool',), 'activations (ReLU, softplus)': ('threshold', 'relu', 'softplus')}
+
+def profile(model, x, y, p, chunk, batch_sizes=(1, 16), steps=4):
+    "torch-profiler self-CPU time per kernel family and aten call counts, attacking `x` with batch sizes `batch_sizes`."
+    _, ifia = protocol_attacks(dataclasses.replace(p, ifia_steps=steps), seed=0, internal_batch_size=chunk)
+    ifia(model, x[:1], y[:1])                                          # warm-up
+    out = {}
+    for bs in batch_sizes:
+        with torch.profiler.profile() as prof:
+            start = time.perf_counter()
+            for i in range(0, len(x), bs): ifia(model, x[i:i+bs], y[i:i+bs])
+            wall = time.perf_counter() - start
+        ev = prof.key_averages()
+        fam = {k: sum(e.self_cpu_time_total for e in ev if any(t in e.key for t in ts)) / 1e6 for k,ts in KERNELS.items()}
+        total = sum(e.self_cpu_time_total for e in ev) / 1e6
+        fam['everything else'] = total - sum(fam.values())
+        out[bs] = dict(wall=wall, self_cpu=total, families=fam, aten_calls=sum(e.count for e in ev))
+    return dict(images=len(x), steps=steps, internal_batch_size=chunk, runs=out)
+
+def profile_markdown(r):
+    e, q = r['env'], r['profile']
+    bss = list(q['runs'])
+    lines = ['# Where batch-1 IFIA loses: a profile', '', f"Command: `{e['command']}` — {e['date']}", '',
+             f"torch {e['torch']}, {e['threads']} threads; load average before {r['load_before']}, after {r['load_after']}.", '',
+             f"The quick-protocol IFIA with {q['steps']} iterations on the first {q['images']} correctly classified test images, "
+             f"attacked {' and '.join(f'{b} at a time' for b in bss)}; self-CPU seconds by kernel family (torch profiler).", '',
+             '| | ' + ' | '.join(f'B={b}' for b in bss) + ' |', '|---|' + '---|'*len(bss),
+             '| wall time (s) | ' + ' | '.join(f"{q['runs'][b]['wall']:.1f}" for b in bss) + ' |',
+             '| aten calls | ' + ' | '.join(f"{q['runs'][b]['aten_calls']}" for b in bss) + ' |']
+    for fam in q['runs'][bss[0]]['families']:
+        lines.append(f'| {fam} (s) | ' + ' | '.join(f"{q['runs'][b]['families'][fam]:.1f}" for b in bss) + ' |')
+    return '\n'.join(lines + [''])
 
 def summarize(name, rec, seconds, parts, n):
     kendall = (-rec['score']).double()
@@ -124,6 +158,7 @@ def main(argv=None):
     ap.add_argument('--internal-batch-size', type=int, default=256, help="IFIA's rows per IG pass (evaluate's default, 256)")
     ap.add_argument('--no-unchunked', action='store_true', help='skip the batched run with all IG rows in one pass')
     ap.add_argument('--quick', action='store_true', help='smoke run')
+    ap.add_argument('--profile', action='store_true', help='only profile batch-1 vs batch-16 (16 images, 4 iterations)')
     ap.add_argument('--note', action='append', help='a note for the results file')
     ap.add_argument('--out', default=None, help='results directory (default bench/results)')
     a = ap.parse_args(argv)
@@ -140,6 +175,13 @@ def main(argv=None):
     r = dict(quick=a.quick, env=env_info(), load_before=load(), model=a.model, model_meta=getattr(model, 'meta', {}),
              test_accuracy=acc, n=n, protocol=vars(p) if not hasattr(p, '__dataclass_fields__') else
              {k: getattr(p, k) for k in p.__dataclass_fields__}, attack=repr(ifia))
+    if a.profile:
+        r['profile'] = profile(model, x[:16], y[:16], p, a.internal_batch_size)
+        r['load_after'] = load()
+        md = profile_markdown(r)
+        paths = write('ifia_batching_profile', r, md, **({} if a.out is None else dict(out=a.out)))
+        print(md); print('wrote', *paths)
+        return
     r['row_scaling'] = row_scaling(model)
     print(f"batched: {n} images in one call, {a.internal_batch_size} rows per IG pass ...", flush=True)
     _, rb, tb, pb = run(ifia, model, x, y, n)
