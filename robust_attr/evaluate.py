@@ -13,6 +13,7 @@ from fastprogress.fastprogress import progress_bar
 from .core import *
 from .attacks import PGD, IFIA, unwrap_model
 from .metrics import topk_intersection, kendall_tau, spearman, aa_topk, aa_kendall, aa_spearman
+from .localize import localization_metrics, LOCALIZATION_COLUMNS
 
 # %% auto #0
 __all__ = ['PROTOCOLS', 'SUMMARY_COLUMNS', 'Protocol', 'protocol_for', 'get_protocol', 'protocol_attacks', 'robust_accuracy',
@@ -136,6 +137,8 @@ def evaluate(model:nn.Module, # the classifier, taking [0,1] inputs
              bs:int=128, # batch size of the attacks
              seed:int|None=0, # seed of the random starts
              progress:bool=True, # show progress bars
+             localization:bool|dict=False, # add `localize.localization_metrics` (a dict: its options, e.g. `threshold`)
+             masks:Tensor|None=None, boxes:Tensor|None=None, # object masks / boxes of `x`, for `localization`
              **overrides): # any `Protocol` setting
     "Evaluate `model` on `(x, y)` under `protocol`: NA, AA, IN, CO, Spearman, AA-metrics, counts, settings, time."
     start = time.time()
@@ -145,6 +148,7 @@ def evaluate(model:nn.Module, # the classifier, taking [0,1] inputs
     pgd, ifia = protocol_attacks(p, seed)
     res = dict(model=type(model).__name__, NA=(_predict(model, x, bs) == y).float().mean().item())
     if aa: res['AA'] = robust_accuracy(model, x[:aa_n], y[:aa_n], pgd, bs, progress).float().mean().item()
+    if localization: res |= localization_metrics(model, x, y, masks, boxes, bs=bs, **(localization if isinstance(localization, dict) else {}))
     idx, tried = first_correct(model, x, y, p.n, bs)
     per = {k: [] for k in ('IN', 'CO', 'spearman', 'moved', 'steps') + (('AA_topk', 'AA_kendall', 'AA_spearman') if reference is not None else ())}
     for i in _batches(len(idx), bs, progress, 'IFIA'):
@@ -161,11 +165,11 @@ def evaluate(model:nn.Module, # the classifier, taking [0,1] inputs
     for k in ('IN', 'CO', 'spearman', 'AA_topk', 'AA_kendall', 'AA_spearman'):
         if k in per: res[k] = per[k].float().mean().item() if len(per[k]) else float('nan')
     res.update(n=len(idx), tried=tried, skipped_misclassified=tried-len(idx), never_moved=int((~per.pop('moved').bool()).sum()),
-               protocol=asdict(p), seconds=time.time()-start, per_sample={k: v.tolist() for k,v in per.items()})
+               protocol=asdict(p), seconds=time.time()-start, per_sample=res.pop('per_sample', {}) | {k: v.tolist() for k,v in per.items()})
     return res
 
 # %% ../nbs/09_evaluate.ipynb #62bb0bb6
-SUMMARY_COLUMNS = ('NA', 'AA', 'IN', 'CO', 'spearman', 'AA_topk', 'AA_kendall', 'AA_spearman', 'n', 'tried',
+SUMMARY_COLUMNS = ('NA', 'AA', 'IN', 'CO', 'spearman', 'AA_topk', 'AA_kendall', 'AA_spearman', *LOCALIZATION_COLUMNS, 'n', 'tried',
                    'skipped_misclassified', 'never_moved', 'seconds')
 
 def results_frame(results:dict, # {name: result of `evaluate`} or a single result
