@@ -44,10 +44,12 @@ def minmax_normalize(maps:Tensor): # `(B, ...)` maps
     span = maps.flatten(1).amax(1).view(-1, *[1]*(maps.dim()-1)) - lo
     return torch.where(span > 0, (maps - lo) / span.clamp_min(torch.finfo(maps.dtype).tiny), 0.)
 
-# %% ../nbs/09a_localize.ipynb #b095c0ba
+# %% ../nbs/09a_localize.ipynb #8fb4ae3b
 def mean_filter(maps:Tensor, # `(B, H, W)` maps
                 size:int=3): # odd window size; 1 leaves the maps unchanged
     "Mean of each pixel's `size`×`size` neighbourhood (inside the image), `(B, H, W)`."
+    check_tensor(maps, 'maps', min_dim=3)
+    if maps.dim() != 3: raise ValueError(f"`maps` must have shape (B, H, W), got {tuple(maps.shape)}")
     size = check_number(size, 'size', min=1, integer=True)
     if size % 2 == 0: raise ValueError(f"`size` must be odd, got {size}")
     if size == 1: return maps
