@@ -507,8 +507,8 @@ def get_arrays(name:str, # a key of `DATASETS`
     if isinstance(ds, TensorDataset): ts = ds.tensors
     else: ts = [torch.cat(t) for t in zip(*DataLoader(ds, batch_size=256, num_workers=0))]
     if not with_masks: return ts[0], ts[1].long()
-    from torchvision.ops import masks_to_boxes
-    return ts[0], ts[1], ts[2], masks_to_boxes(ts[2])
+    from robust_attr.localize import mask_to_box
+    return ts[0], ts[1], ts[2], mask_to_box(ts[2])
 
 # %% ../nbs/07_data.ipynb #0cf01452
 def get_dls(name:str='digits', # a key of `DATASETS`
