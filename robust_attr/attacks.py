@@ -209,6 +209,7 @@ SMOOTH_MODES = ('softplus', 'second_order')
 class IFIA(Attack):
     "Ghorbani et al.'s iterative feature-importance attack (FAR Alg. 1): change the map, keep the prediction."
     target = 'clean'  # the target map S^T: the clean input's map
+    checks_prediction = True  # iterates that change the prediction are invalid
     def __init__(self, eps:float, # L∞ (or L2) radius
                  step_size:float, # step length
                  steps:int, # steps per run
@@ -263,7 +264,7 @@ def measure_map(self:IFIA, model, x, y):
 # %% ../nbs/05_attacks.ipynb #e819e3cc
 @patch
 def prepare(self:IFIA, model, x, y, target_map=None):
-    ctx = dict(x=x, pred=_logits(model, x).argmax(1))
+    ctx = dict(x=x, pred=_logits(model, x).argmax(1)) if self.checks_prediction else dict(x=x)
     if self.select!='last' or self.objective=='topk': ctx['clean_map'] = self.measure_map(model, x, y)
     if self.objective=='topk': ctx['mask'] = topk_mask(ctx['clean_map'], self.k)
     elif self.target=='clean':
@@ -302,6 +303,7 @@ def finished(self:IFIA, score, valid, ctx): return ~valid if self.select=='last'
 # %% ../nbs/05_attacks.ipynb #3d899f63
 class AdvIFIA(IFIA):
     "FAR's Adversarial IFIA (Alg. 2): ascend `ce_weight·CE + lam·d_s`, no prediction constraint; last iterate."
+    checks_prediction = False
     def __init__(self, eps:float, step_size:float, steps:int, # threat model and steps
                  lam:float=1.0, # weight λ of the map dissimilarity
                  ce_weight:float=1.0, # weight of the cross-entropy term
@@ -361,9 +363,10 @@ class TargetedAttributionAttack(IFIA):
 
 # %% ../nbs/05_attacks.ipynb #9d2471e5
 def class_gradients(model, x:Tensor, classes, create_graph:bool=True):
-    "Input gradients of the logits of each `(B,)` class-index tensor in `classes`, from one forward pass."
+    "Input gradients of the logits of each `(B,)` class-index tensor in `classes` (or `classes(logits)`), from one forward pass."
     x = x if x.requires_grad else x.detach().requires_grad_(True)
     logits = check_logits(model(x), len(x))
+    if callable(classes): classes = classes(logits.detach())
     outs = [logits.gather(1, c[:,None]).sum() for c in classes]
     grads = [torch.autograd.grad(o, x, create_graph=create_graph, retain_graph=True)[0] for o in outs]
     return grads, logits
@@ -374,9 +377,7 @@ def art_loss(model, x:Tensor, y:Tensor, # model, batch and labels
              create_graph:bool=True): # keep the graph (always needed for training or attacking)
     "ART's L_attr (eq. 5) per sample, with the gradients taken on the softplus(β) network."
     with softplus_surrogate(model, beta, 'softplus'):
-        logits = check_logits(model(x), len(x))
-        neg = art_negative_class(logits.detach(), y)
-        (g_y, g_neg), _ = class_gradients(model, x, [y, neg], create_graph=create_graph)
+        (g_y, g_neg), _ = class_gradients(model, x, lambda logits: [y, art_negative_class(logits, y)], create_graph=create_graph)
     return art_triplet_loss(g_y, g_neg, x, channel_reduce=channel_reduce)
 
 # %% ../nbs/05_attacks.ipynb #51d4b122
