@@ -148,7 +148,7 @@ def regularizer(cb, model, x, y, x_adv):
 def learner_on(x, y, start, cbs, steps=8):
     "A learner fitted for `steps` optimizer steps on the batch (x, y) with callbacks `cbs`, from a copy of `start`."
     dls = DataLoaders.from_dsets(list(zip(x.repeat(steps, 1, 1, 1), y.repeat(steps))), list(zip(x, y)),
-                                 bs=len(x), shuffle=False, device='cpu')
+                                 bs=len(x), shuffle=False, device='cpu', num_workers=0)
     return fit(learner(dls, cbs, model=fresh_copy(start)))
 
 
@@ -157,9 +157,10 @@ def train_on(x, y, start, cbs, steps=8):
     return learner_on(x, y, start, cbs, steps).model
 
 
-# AAT's and AdvAAT's PCL between the maps of inputs 0.1 apart is ~0.02 for a natural model, far below its CE; a
-# larger λ lets 8 steps show the term's effect.
-FIXED_BATCH = {'aat': dict(lam=20.), 'adv_aat': dict(lam=20.)}
+# AAT's and AdvAAT's PCL between the maps of inputs 0.1 apart is ~0.02 for a natural model, far below its CE, and ART's
+# L_attr moves slowly: a larger weight lets 8 steps show the term's effect.
+FIXED_BATCH = {'aat': dict(lam=20.), 'adv_aat': dict(lam=20.), 'art': dict(lam=5.)}
+WEIGHT = {'trades': 'beta'}   # the name of the term's weight where it is not `lam`
 
 @pytest.mark.parametrize('name', PRESETS)
 def test_training_on_a_fixed_batch_decreases_the_regularizer(dls, natural, name):
@@ -168,9 +169,14 @@ def test_training_on_a_fixed_batch_decreases_the_regularizer(dls, natural, name)
     x_adv = cb.attack(fresh_copy(natural), x, y)       # once, before training (the attacks are seeded)
     before = regularizer(cb, natural, x, y, x_adv)
     after = regularizer(cb, train_on(x, y, natural, [make_callback(name, **FIXED_BATCH.get(name, {}))]), x, y, x_adv)
-    after_natural = regularizer(cb, train_on(x, y, natural, []), x, y, x_adv)
+    # The control trains the same way without the term (its weight 0: natural training, or Madry's for a robust
+    # objective). Madry's own term is the robust loss, so its control is natural training; so is IG-SUM-NORM's:
+    # its norm is of the loss change along x → x̃, which Madry training at the stronger CE-maximizing x̃ shrinks as
+    # much at this scale (the notebook pins β = 0 to Madry, and IG-NORM's case checks the same gradient path).
+    control = [] if name in ('adv', 'ig_sum_norm') else [make_callback(name, **{WEIGHT.get(name, 'lam'): 0.})]
+    after_control = regularizer(cb, train_on(x, y, natural, control), x, y, x_adv)
     assert after < before, (name, before, after)
-    assert after < after_natural, (name, after, after_natural)   # the callback's term did it, not the CE alone
+    assert after < after_control, (name, after, after_control)   # the callback's term did it, not the loss alone
 
 
 def test_saliency_match_term_decreases_on_a_fixed_batch(dls, natural):
