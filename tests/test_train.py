@@ -36,6 +36,7 @@ def make_callback(name, **kw):
     return METHODS[name](**(SHORT | settings | kw))
 
 PRESETS = [m for m in METHODS if m != 'natural']
+WEIGHT = {'ig_sum_norm': 'beta', 'trades': 'beta'}   # the name of the term's weight where it is not `lam`
 
 
 def digits():
@@ -115,6 +116,20 @@ def test_attack_reuses_the_clean_training_map(dls, name):
     assert own_targets(make_callback(name, smooth='softplus')) == 4   # maps that differ: the attack needs its own
 
 
+@pytest.mark.parametrize('name', ['aat', 'ig_norm', 'trades'])
+def test_regularizer_objective_with_zero_weight_runs_no_attack(dls, name):
+    cb, calls = make_callback(name, **{WEIGHT.get(name, 'lam'): 0.}), []
+    attack_call = type(cb.attack).__call__
+    class Spy(type(cb.attack)):
+        def __call__(self, *args, **kwargs): calls.append(1); return attack_call(self, *args, **kwargs)
+    cb.attack.__class__ = Spy
+    vals = recorded(fit(learner(dls, [cb])))
+    assert calls == [] and vals['ce'] > 0 and f'{cb.term}_reg' not in vals
+    cb.lam = 1.   # with a weight the attack runs every step
+    fit(learner(dls, [cb]))
+    assert len(calls) == 4
+
+
 # ---------- on a fixed batch, training shrinks the callback's own regularizer ----------
 
 @pytest.fixture(scope='module')
@@ -160,7 +175,6 @@ def train_on(x, y, start, cbs, steps=8):
 # AAT's and AdvAAT's PCL between the maps of inputs 0.1 apart is ~0.02 for a natural model, far below its CE, and ART's
 # L_attr moves slowly: a larger weight lets 8 steps show the term's effect.
 FIXED_BATCH = {'aat': dict(lam=20.), 'adv_aat': dict(lam=20.), 'art': dict(lam=5.)}
-WEIGHT = {'trades': 'beta'}   # the name of the term's weight where it is not `lam`
 
 @pytest.mark.parametrize('name', PRESETS)
 def test_training_on_a_fixed_batch_decreases_the_regularizer(dls, natural, name):
