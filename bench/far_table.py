@@ -122,6 +122,7 @@ def markdown(out:dict):
               f"* Fine-tuning: every method starts from the natural model and sees the same {b['ft_images']} training "
               f"images (a seeded subset, same order) once, Adam lr {b['ft_lr']}, batch {b['bs']} "
               '(FAR: 50 epochs over 60k images, lr 1e-4 for AAT/AdvAAT).', methods, '',
+              *([f"Budget note: {b['note']}", ''] if b.get('note') else []),
               '## Protocol', '',
               f"PROTOCOL.md, Fashion-MNIST preset, variant `{p['variant']}`: ε={p['eps']}, IFIA top-k attack with "
               f"k={p['attack_k']}, {p['ifia_steps']} steps of {p['ifia_step_size']}, IG with {p['ig_steps']} points "
