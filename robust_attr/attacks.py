@@ -101,10 +101,11 @@ def _logits(model, x):
     with torch.no_grad(): return check_logits(model(x), len(x))
 
 # %% ../nbs/05_attacks.ipynb #e687b3b3
-def _run(attack, model, best:dict, act:_Active, scored_start:bool):
-    "One run of `attack` over the active samples; updates `best` in place."
-    steps = range(attack.steps)
+def _run(attack, model, best:dict, act:_Active, scored_start:bool, on_step=None, done:int=0):
+    "One run of `attack` over the active samples; updates `best` in place; True if `on_step` stopped it."
+    steps, stopped = range(attack.steps), False
     for i in (progress_bar(steps, leave=False) if attack.progress else steps):
+        if on_step is not None and on_step(done + i, attack.restarts * attack.steps): stopped = True; break
         g, logits = _ascent_direction(attack, model, act)
         if i > 0 or scored_start:
             keep = _record(attack, best, act, *attack.score(model, act.x_adv, act.y, act.ctx, logits))
@@ -115,6 +116,7 @@ def _run(attack, model, best:dict, act:_Active, scored_start:bool):
         act.x_adv = project(act.x_adv.detach() + step, act.x, attack.eps, attack.norm, attack.box)
         best['steps'][act.idx] += 1
     if len(act): _record(attack, best, act, *attack.score(model, act.x_adv, act.y, act.ctx, None))
+    return stopped
 
 # %% ../nbs/05_attacks.ipynb #ba507e75
 def unwrap_model(model:nn.Module):
@@ -127,6 +129,7 @@ def __call__(self:Attack, model:nn.Module, # the classifier to attack
              x:Tensor, # clean batch in the data box, (B, ...)
              y, # labels: an int or a (B,) tensor of class indices
              return_record:bool=False, # also return an `AttackRecord`
+             on_step=None, # `on_step(step, total)` before each step; returning True stops the attack
              **context): # extra per-call inputs for `prepare` (e.g. `target_map`)
     "Attack the batch `x`; returns the selected iterates (and the per-sample `AttackRecord`)."
     x = check_images(x, box=self.box).detach()
@@ -145,7 +148,8 @@ def __call__(self:Attack, model:nn.Module, # the classifier to attack
             if not len(idx): break
             rand = self.random_start or r > 0
             start = random_start(x[idx], self.eps, self.norm, self.box, gen) if rand else x[idx]
-            _run(self, model, best, _Active(idx, start, x[idx], y[idx], _take(ctx, idx)), scored_start=rand)
+            act = _Active(idx, start, x[idx], y[idx], _take(ctx, idx))
+            if _run(self, model, best, act, rand, on_step, r*self.steps): break
     x_adv = best['x']
     if not return_record: return x_adv
     moved = (x_adv != x).flatten(1).any(1)
