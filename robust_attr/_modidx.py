@@ -436,4 +436,5 @@ d = { 'settings': { 'branch': 'main',
                                      'robust_attr.widgets.outcome_frame': ('widgets.html#outcome_frame', 'robust_attr/widgets.py'),
                                      'robust_attr.widgets.seeded_smoothgrad': ('widgets.html#seeded_smoothgrad', 'robust_attr/widgets.py'),
                                      'robust_attr.widgets.show_attack': ('widgets.html#show_attack', 'robust_attr/widgets.py'),
+                                     'robust_attr.widgets.show_outcomes': ('widgets.html#show_outcomes', 'robust_attr/widgets.py'),
                                      'robust_attr.widgets.topk_overlap': ('widgets.html#topk_overlap', 'robust_attr/widgets.py')}}}

@@ -202,17 +202,18 @@ def plot_attacks(x, x_adv, # clean and attacked images, `(n, C, H, W)`
                  clean, adv, # their per-pixel maps, `(n, H, W)`
                  pred, pred_adv, # predicted classes of `x` and `x_adv`, `(n,)`
                  IN, CO, # top-k intersection and Kendall tau of each map pair, `(n,)`
-                 label:str='', # prefix of each row's first title, e.g. a model's name
+                 label='', # prefix of each row's first title (e.g. a model's name), or one prefix per row
                  extra:int=0, # empty axes added to each row for the caller to fill
                  cmap:str='inferno'): # colormap of the maps
     "Draw clean/attacked images and their maps, one color scale per row, titled with IN and CO; returns `(fig, axs)`."
     import matplotlib.pyplot as plt
     n, cols = len(x), 4 + extra
+    labels = list(label) if isinstance(label, (list, tuple)) else [label]*n
     fig, axs = plt.subplots(n, cols, figsize=(2*cols, 2.1*n), squeeze=False)
     img = lambda t: t.permute(1, 2, 0).squeeze(-1).detach().cpu().numpy()
     for i in range(n):
         vmax = max(clean[i].max().item(), adv[i].max().item())
-        panels = [(img(x[i]), f'{label}clean, pred {pred[i].item()}', 'gray', 1), (img(x_adv[i]), f'attacked, pred {pred_adv[i].item()}', 'gray', 1),
+        panels = [(img(x[i]), f'{labels[i]}clean, pred {pred[i].item()}', 'gray', 1), (img(x_adv[i]), f'attacked, pred {pred_adv[i].item()}', 'gray', 1),
                   (clean[i].detach().cpu().numpy(), 'clean map', cmap, vmax), (adv[i].detach().cpu().numpy(), f'IN {IN[i]:.2f}  CO {CO[i]:.2f}', cmap, vmax)]
         for ax,(im,title,cm,vm) in zip(axs[i], panels):
             ax.imshow(im, cmap=cm, vmin=0, vmax=vm); ax.set_title(title, fontsize=8); ax.axis('off')
