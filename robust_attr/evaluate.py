@@ -17,7 +17,8 @@ from .localize import localization_metrics, LOCALIZATION_COLUMNS
 
 # %% auto #0
 __all__ = ['PROTOCOLS', 'SUMMARY_COLUMNS', 'Protocol', 'protocol_for', 'get_protocol', 'protocol_attacks', 'robust_accuracy',
-           'first_correct', 'check_evaluation', 'evaluate', 'results_frame', 'bootstrap_ci', 'compare', 'show_attacks']
+           'first_correct', 'check_evaluation', 'evaluate', 'results_frame', 'bootstrap_ci', 'compare', 'plot_attacks',
+           'show_attacks']
 
 # %% ../nbs/09_evaluate.ipynb #0ea88b82
 @dataclass(frozen=True)
@@ -227,26 +228,39 @@ def compare(models:dict, # {name: model}
     return results_frame(results), results
 
 # %% ../nbs/09_evaluate.ipynb #596ea250
+def plot_attacks(x, x_adv, # clean and attacked images, `(n, C, H, W)`
+                 clean, adv, # their per-pixel maps, `(n, H, W)`
+                 pred, pred_adv, # predicted classes of `x` and `x_adv`, `(n,)`
+                 IN, CO, # top-k intersection and Kendall tau of each map pair, `(n,)`
+                 label='', # prefix of each row's first title (e.g. a model's name), or one prefix per row
+                 extra:int=0, # empty axes added to each row for the caller to fill
+                 cmap:str='inferno'): # colormap of the maps
+    "Draw clean/attacked images and their maps, one color scale per row, titled with IN and CO; returns `(fig, axs)`."
+    import matplotlib.pyplot as plt
+    n, cols = len(x), 4 + extra
+    labels = list(label) if isinstance(label, (list, tuple)) else [label]*n
+    fig, axs = plt.subplots(n, cols, figsize=(2*cols, 2.1*n), squeeze=False)
+    img = lambda t: t.permute(1, 2, 0).squeeze(-1).detach().cpu().numpy()
+    for i in range(n):
+        vmax = max(clean[i].max().item(), adv[i].max().item())
+        panels = [(img(x[i]), f'{labels[i]}clean, pred {pred[i].item()}', 'gray', 1), (img(x_adv[i]), f'attacked, pred {pred_adv[i].item()}', 'gray', 1),
+                  (clean[i].detach().cpu().numpy(), 'clean map', cmap, vmax), (adv[i].detach().cpu().numpy(), f'IN {IN[i]:.2f}  CO {CO[i]:.2f}', cmap, vmax)]
+        for ax,(im,title,cm,vm) in zip(axs[i], panels):
+            ax.imshow(im, cmap=cm, vmin=0, vmax=vm); ax.set_title(title, fontsize=8); ax.axis('off')
+    fig.tight_layout()
+    return fig, axs
+
+# %% ../nbs/09_evaluate.ipynb #c9e37f69
 def show_attacks(model, x, y, x_adv, # model, clean batch, labels, attacked batch
                  attack:IFIA|None=None, # supplies `measure_map` (default: IG with 50 points)
                  k:int=100, # top-k for the IN shown in the titles
                  n:int=4, # how many samples to show
                  cmap:str='inferno'): # colormap of the maps
     "Plot clean/attacked images and their maps for the first `n` samples; returns the figure."
-    import matplotlib.pyplot as plt
     attack = attack or IFIA(0.1, 0.01, 1, ig_steps=50)
     n = min(n, len(x))
     clean, adv = attack.measure_map(model, x[:n], y[:n]), attack.measure_map(model, x_adv[:n], y[:n])
     k = min(k, clean[0].numel())
-    inn, co = topk_intersection(clean, adv, k), kendall_tau(clean, adv)
     with torch.no_grad(), eval_mode(model): pc, pa = model(x[:n]).argmax(1), model(x_adv[:n]).argmax(1)
-    fig, axs = plt.subplots(n, 4, figsize=(8, 2.1*n), squeeze=False)
-    img = lambda t: t.permute(1, 2, 0).squeeze(-1).cpu().numpy()
-    for i in range(n):
-        vmax = max(clean[i].max().item(), adv[i].max().item())
-        panels = [(img(x[i]), f'clean, pred {pc[i].item()}', 'gray', None), (img(x_adv[i]), f'attacked, pred {pa[i].item()}', 'gray', None),
-                  (clean[i].cpu().numpy(), 'clean map', cmap, vmax), (adv[i].cpu().numpy(), f'IN {inn[i]:.2f}  CO {co[i]:.2f}', cmap, vmax)]
-        for ax,(im,title,cm,vm) in zip(axs[i], panels):
-            ax.imshow(im, cmap=cm, vmin=0, vmax=vm); ax.set_title(title, fontsize=8); ax.axis('off')
-    fig.tight_layout()
+    fig, _ = plot_attacks(x[:n], x_adv[:n], clean, adv, pc, pa, topk_intersection(clean, adv, k), kendall_tau(clean, adv), cmap=cmap)
     return fig
