@@ -33,3 +33,25 @@ def test_readme_local_links_exist_or_are_announced():
     links = re.findall(r'\]\(([^)#]+)\)', (ROOT/'README.md').read_text())
     missing = [l for l in links if '://' not in l and not (ROOT/l).exists() and l not in announced]
     assert not missing, missing
+
+RESULTS = ROOT/'bench'/'results'/'far_table_fashion_mnist.json'
+
+def results_rows(out:dict) -> list[str]:
+    "The README's results table rows for the committed `far_table.py --budget quick` run `out`."
+    def cell(r, m, pct=False):
+        f = (lambda v: f'{100*v:.1f}') if pct else (lambda v: f'{v:.2f}')
+        return f"{f(r[m])} [{f(r[m+'_ci'][0])}, {f(r[m+'_ci'][1])}]"
+    def paper(k):
+        v = out['paper'].get(k, {}).get('FAR')
+        return '—' if v is None else f'{v[0]:.1f} / {v[1]:.1f} / {v[2]:.2f} / {v[3]:.2f}'
+    return [f"| {out['names'][k]} | {cell(r, 'NA', True)} | {cell(r, 'AA', True)} | {cell(r, 'IN')} | {cell(r, 'CO')} | {paper(k)} |"
+            for k, r in out['results'].items()]
+
+def test_readme_results_table_is_the_committed_run():
+    "The numbers in the README's results table are those of the committed quick-budget JSON, not typed by hand."
+    assert RESULTS.exists(), f'{RESULTS.relative_to(ROOT)} is linked from the README but not committed'
+    out = json.loads(RESULTS.read_text())
+    assert out['budget']['name'] == 'quick'
+    lines = set((ROOT/'README.md').read_text().splitlines())
+    missing = [r for r in results_rows(out) if r not in lines]
+    assert not missing, missing
