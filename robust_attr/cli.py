@@ -93,7 +93,7 @@ DEMO_PROTOCOL = dict(n=100, ifia_steps=15, ig_steps=16, attack_ig_steps=4, pgd_s
 
 def demo(out='robust_attr_demo', # directory for the models, results and figure
          nat_epochs:int=8, # natural training epochs
-         aat_epochs:int=1, # AAT fine-tuning epochs
+         aat_epochs:int=2, # AAT fine-tuning epochs
          n_eval:int=100, # correctly classified validation digits to attack
          seed:int=0, # seed of the data split, training and attacks
          progress:bool=True): # progress bars and training tables
@@ -171,7 +171,7 @@ def _parser():
     sub = p.add_subparsers(dest='command', metavar='command', required=True)
     d = sub.add_parser('demo', help='train natural and AAT models on the bundled digits and compare them')
     d.add_argument('--out', default='robust_attr_demo', help='output directory (default: %(default)s)')
-    d.add_argument('--nat-epochs', type=int, default=8); d.add_argument('--aat-epochs', type=int, default=1)
+    d.add_argument('--nat-epochs', type=int, default=8); d.add_argument('--aat-epochs', type=int, default=2)
     d.add_argument('--n-eval', type=int, default=100, help='correctly classified digits to attack')
     d.add_argument('--seed', type=int, default=0)
     t = sub.add_parser('train', help='train a model with a robust-attribution method and save it')
