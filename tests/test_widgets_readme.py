@@ -29,8 +29,7 @@ def test_readme_local_links_exist_or_are_announced():
     "Every relative link points at a file in the repository, or at one of the files other work streams add."
     announced = {'bench/results/far_table_fashion_mnist.md', 'bench/results/natural_fashion_mnist.md',
                  'bench/results/train_speed.md', 'bench/results/attribution_metrics_speed.md',
-                 'nbs/tutorials/distributed.ipynb', 'nbs/tutorials/localization.ipynb',
-                 'bench/results/sensitivity_scaling.md'}
+                 'nbs/tutorials/distributed.ipynb', 'nbs/tutorials/localization.ipynb'}
     links = re.findall(r'\]\(([^)#]+)\)', (ROOT/'README.md').read_text())
     missing = [l for l in links if '://' not in l and not (ROOT/l).exists() and l not in announced]
     assert not missing, missing
