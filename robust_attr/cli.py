@@ -163,6 +163,16 @@ def _demo_figure(models, x, y, protocol, seed, n=3):
     return fig
 
 # %% ../nbs/12_cli.ipynb #8c0ac64e
+def _arg(parser, fn, name, **kw):
+    "Add option `--name` for `fn`'s parameter `name`: its docments comment is the help, its default the default."
+    import inspect
+    from fastcore.docments import docments
+    default = inspect.signature(fn).parameters[name].default
+    if 'default' not in kw and not kw.get('required') and default is not inspect.Parameter.empty: kw['default'] = default
+    help = (docments(fn)[name] or '').replace('None for', 'omit for')  # on the command line, None is the absent flag
+    if kw.get('default') is not None and not isinstance(kw.get('default'), bool): help += ' (default: %(default)s)'
+    parser.add_argument('--' + name.replace('_', '-'), help=help, **kw)
+
 def _parser():
     p = argparse.ArgumentParser(prog='robust_attr', description='Attributional robustness for PyTorch and fastai: '
                                 'train models whose explanations survive attacks, and measure it.')
@@ -170,27 +180,24 @@ def _parser():
     p.add_argument('--version', action='version', version=f'robust_attr {__version__}')
     sub = p.add_subparsers(dest='command', metavar='command', required=True)
     d = sub.add_parser('demo', help='train natural and AAT models on the bundled digits and compare them')
-    d.add_argument('--out', default='robust_attr_demo', help='output directory (default: %(default)s)')
-    d.add_argument('--nat-epochs', type=int, default=8); d.add_argument('--aat-epochs', type=int, default=2)
-    d.add_argument('--n-eval', type=int, default=100, help='correctly classified digits to attack')
-    d.add_argument('--seed', type=int, default=0)
+    _arg(d, demo, 'out')
+    for n in ('nat_epochs', 'aat_epochs', 'n_eval', 'seed'): _arg(d, demo, n, type=int)
     t = sub.add_parser('train', help='train a model with a robust-attribution method and save it')
-    t.add_argument('--data', default='digits'); t.add_argument('--arch', default='small_cnn')
-    t.add_argument('--method', default='natural', help='natural, adv, ig_norm, ig_sum_norm, trades, art, aat, adv_aat')
-    t.add_argument('--epochs', type=int, default=1); t.add_argument('--init', help='a saved model to fine-tune from')
-    t.add_argument('--n-train', type=int); t.add_argument('--n-valid', type=int)
-    t.add_argument('--bs', type=int, default=50); t.add_argument('--lr', type=float, default=1e-3)
-    t.add_argument('--lam', type=float, help="the method's λ"); t.add_argument('--eps', type=float, help='attack radius')
-    t.add_argument('--seed', type=int, default=42); t.add_argument('--path', help='data directory')
-    t.add_argument('--set', action='append', metavar='KEY=VALUE', help='any other method parameter')
-    t.add_argument('--out', required=True, help='where to save the model (.pth)')
+    for n in ('data', 'arch'): _arg(t, train, n)
+    _arg(t, train, 'method', choices=('natural', 'adv', 'ig_norm', 'ig_sum_norm', 'trades', 'art', 'aat', 'adv_aat'))
+    _arg(t, train, 'epochs', type=int); _arg(t, train, 'init')
+    for n in ('n_train', 'n_valid', 'bs', 'seed'): _arg(t, train, n, type=int)
+    _arg(t, train, 'lr', type=float); _arg(t, train, 'path')
+    t.add_argument('--lam', type=float, help="the method's λ (default: the method's own)")
+    t.add_argument('--eps', type=float, help="the attack radius ε (default: the method's own)")
+    t.add_argument('--set', action='append', metavar='KEY=VALUE', help='any other method parameter, as a Python literal')
+    _arg(t, train, 'out', required=True)
     e = sub.add_parser('evaluate', help="evaluate a saved model with its data set's protocol")
-    e.add_argument('--model', required=True); e.add_argument('--data', required=True)
-    e.add_argument('--variant', default='quick', choices=('quick', 'full')); e.add_argument('--n', type=int)
-    e.add_argument('--split', default='test'); e.add_argument('--out', help='write the result as JSON here')
-    e.add_argument('--reference', help='a saved model whose maps count as true (AA-metrics)')
-    e.add_argument('--bs', type=int, default=128); e.add_argument('--path', help='data directory')
-    e.add_argument('--set', action='append', metavar='KEY=VALUE', help='override a protocol setting')
+    _arg(e, evaluate_saved, 'model', required=True); _arg(e, evaluate_saved, 'data', required=True)
+    _arg(e, evaluate_saved, 'variant', choices=('quick', 'full')); _arg(e, evaluate_saved, 'n', type=int)
+    for n in ('split', 'out', 'reference', 'path'): _arg(e, evaluate_saved, n)
+    _arg(e, evaluate_saved, 'bs', type=int)
+    e.add_argument('--set', action='append', metavar='KEY=VALUE', help='override a protocol setting, as a Python literal')
     return p
 
 def main(argv=None): # arguments (default: `sys.argv[1:]`)
