@@ -5,6 +5,8 @@
     python bench/far_table.py --budget quick --estimate      # time a few batches of each stage, predict the run
     python bench/far_table.py --budget quick --out /tmp/rerun --models /tmp/rerun/models \\
         --compare bench/results/far_table_fashion_mnist.json  # reproducibility check of the committed numbers
+    python bench/far_table.py --compare-only /tmp/rerun/far_table_fashion_mnist.json \\
+        --compare bench/results/far_table_fashion_mnist.json  # its report, bench/results/..._rerun.md, from a finished re-run
 
 Steps (all through robust_attr's public API):
 1. a natural SmallCNN trained on the full Fashion-MNIST training set (Adam, lr 1e-3, batch 50: FAR Table 3);
@@ -144,18 +146,54 @@ def markdown(out:dict):
 # Reproducibility check
 # ---------------------------------------------------------------------------------------------------
 
-def compare(new:dict, old_path, tol:float=0.03, log=print):
-    "Print |Δ| of IN/CO (and NA/AA) between two runs; return True when every IN/CO is within `tol`."
-    old = json.loads(Path(old_path).read_text())['results']
-    ok = True
-    log(f"{'model':>20} {'ΔNA':>7} {'ΔAA':>7} {'ΔIN':>7} {'ΔCO':>7}")
+def compare(new:dict, old:dict, tol:float=0.03) -> dict:
+    "Differences between two runs' results, per model, and whether every IN/CO is within `tol`."
+    rows = {}
     for key, r in new['results'].items():
-        if key not in old: continue
-        d = {m: r[m] - old[key][m] for m in ('NA', 'AA', 'IN', 'CO')}
-        ok &= abs(d['IN']) <= tol and abs(d['CO']) <= tol
-        log(f"{NAMES[key]:>20} " + ' '.join(f'{d[m]:+7.3f}' for m in ('NA', 'AA', 'IN', 'CO')))
-    log(f"IN/CO within ±{tol}: {ok}")
-    return ok
+        if key not in old['results']: continue
+        o = old['results'][key]
+        d = {m: round(r[m] - o[m], 4) for m in ('NA', 'AA', 'IN', 'CO')}
+        # the largest change of any single image's IN/CO: 0 means the rerun attacked every image identically
+        d['max_image_dIN'] = round(max(abs(a-b) for a,b in zip(r['per_sample']['IN'], o['per_sample']['IN'])), 4)
+        d['max_image_dCO'] = round(max(abs(a-b) for a,b in zip(r['per_sample']['CO'], o['per_sample']['CO'])), 4)
+        rows[key] = d
+    ok = all(abs(d['IN']) <= tol and abs(d['CO']) <= tol for d in rows.values())
+    return dict(tol=tol, ok=ok, same_images=new['eval_indices']==old['eval_indices'], rows=rows)
+
+def same_weights(dir_a:Path, dir_b:Path) -> dict:
+    "Per saved model: are the two runs' weights bit-identical? (None when a file is missing.)"
+    out = {}
+    for key in ORDER:
+        a, b = Path(dir_a)/f'{key}.pth', Path(dir_b)/f'{key}.pth'
+        if not (a.exists() and b.exists()): out[key] = None; continue
+        sa, sb = load_model(a).state_dict(), load_model(b).state_dict()
+        out[key] = sa.keys()==sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    return out
+
+def rerun_report(new_path:Path, old_path:Path, out_dir:Path, log=print) -> bool:
+    "Compare a re-run's JSON with the committed one; write `<stem>_rerun.{md,json}` to `out_dir`; True if within ±0.03."
+    new, old = json.loads(Path(new_path).read_text()), json.loads(Path(old_path).read_text())
+    c = compare(new, old)
+    root = BENCH.parent
+    mdir = lambda d: Path(d['models_dir']) if Path(d['models_dir']).is_absolute() else root/d['models_dir']
+    c['same_weights'] = same_weights(mdir(new), mdir(old))
+    c.update(new=dict(path=str(new_path), seconds=new['seconds'], load_end=new['load_end'], env=new['env']),
+             old=dict(path=str(old_path), seconds=old['seconds'], load_end=old['load_end'], env=old['env']))
+    lines = [f"# Re-run of `{Path(old_path).name}` with the same seed ({new['seed']})", '',
+             f"    {new['env']['command']}", '',
+             f"Committed run: {hms(old['seconds'])} wall; re-run: {hms(new['seconds'])} wall "
+             f"(load at the end {new['load_end']}, torch {new['env'].get('torch')}, {new['env'].get('threads')} thread(s)).",
+             f"Same evaluated images: {c['same_images']}. IN/CO of every model within ±{c['tol']}: **{c['ok']}**.", '',
+             '| model | ΔNA | ΔAA | ΔIN | ΔCO | max per-image \\|ΔIN\\| | max per-image \\|ΔCO\\| | weights bit-identical |',
+             '|---|---|---|---|---|---|---|---|']
+    for key, d in c['rows'].items():
+        lines.append(f"| {NAMES[key]} | " + ' | '.join(f"{d[m]:+.4f}" for m in ('NA', 'AA', 'IN', 'CO'))
+                     + f" | {d['max_image_dIN']:.4f} | {d['max_image_dCO']:.4f} | {c['same_weights'].get(key)} |")
+    stem = Path(old_path).stem
+    write_json(Path(out_dir)/f'{stem}_rerun.json', c)
+    (Path(out_dir)/f'{stem}_rerun.md').write_text('\n'.join(lines) + '\n')
+    log('\n'.join(lines))
+    return c['ok']
 
 # ---------------------------------------------------------------------------------------------------
 # Time estimate: a few batches of each stage, multiplied out
@@ -225,12 +263,19 @@ def main(argv=None):
     ap.add_argument('--models', type=Path, help='models directory (default: bench/models/far_<budget>_seed<seed>)')
     ap.add_argument('--reuse', action='store_true', help='load models already saved in --models instead of training')
     ap.add_argument('--estimate', action='store_true', help='only time a few batches and predict the run time')
-    ap.add_argument('--compare', type=Path, help='a committed JSON to compare the new numbers with (±0.03 IN/CO)')
+    ap.add_argument('--compare', type=Path, help='a committed JSON to compare the new numbers with (±0.03 IN/CO); '
+                    'writes <its stem>_rerun.{md,json} to --out')
+    ap.add_argument('--compare-only', type=Path, metavar='NEW_JSON',
+                    help='no training: compare this finished run with --compare and write the report to --out')
     a = ap.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress reaches the log at once under nohup
+    if a.compare_only:
+        if a.compare is None: ap.error('--compare-only needs --compare')
+        return 0 if rerun_report(a.compare_only, a.compare, a.out) else 1
     b = get_budget('smoke' if a.smoke else a.budget)
     seed_everything(a.seed, a.threads)
     if a.estimate: estimate(b, a.seed); return 0
-    out = run(b, a.seed, a.out, a.models or model_dir(b, a.seed), a.reuse)
-    return 0 if a.compare is None or compare(out, a.compare) else 1
+    run(b, a.seed, a.out, a.models or model_dir(b, a.seed), a.reuse)
+    return 0 if a.compare is None or rerun_report(a.out/f'{result_stem(b)}.json', a.compare, a.out) else 1
 
 if __name__ == '__main__': sys.exit(main())

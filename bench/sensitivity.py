@@ -247,6 +247,7 @@ def main(argv=None):
     ap.add_argument('--out', type=Path, default=RESULTS)
     ap.add_argument('--estimate', action='store_true', help='only time a few batches and predict the run time')
     a = ap.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress reaches the log at once under nohup
     b = get_budget('smoke' if a.smoke else a.budget)
     studies = STUDIES if a.study=='all' else (a.study,)
     seed_everything(a.seed, a.threads)

@@ -78,3 +78,16 @@ def test_finetuning_is_reproducible_with_the_same_seed(fashion_mnist):
     other = R.finetune('aat', init, b, seed=4)[0].state_dict()
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert not all(torch.equal(runs[0][k], other[k]) for k in runs[0])
+
+
+def test_rerun_comparison_flags_a_change_beyond_the_tolerance():
+    import far_table
+    def run(shift):
+        per = [0.5 + shift, 0.4, 0.6]
+        r = dict(NA=0.9, AA=0.1, IN=sum(per)/3, CO=0.5, per_sample=dict(IN=per, CO=[0.5]*3))
+        return dict(eval_indices=[3, 5, 8], results={'nat': r, 'aat': dict(r, IN=0.7)})
+    same = far_table.compare(run(0.), run(0.))
+    assert same['ok'] and same['same_images'] and same['rows']['nat']['max_image_dIN'] == 0
+    moved = far_table.compare(run(0.15), run(0.))  # one image moves by .15: the mean by .05
+    assert not moved['ok'] and moved['rows']['nat']['max_image_dIN'] == 0.15 and abs(moved['rows']['nat']['IN'] - 0.05) < 1e-4
+    assert moved['rows']['aat']['IN'] == 0  # within tolerance for the other model
