@@ -297,6 +297,8 @@ def start(self:SaliencyExplorer):
     self._stop.clear()
     if not self.background: return self._run()
     self._set_busy(True)
+    # reset before the thread exists: until its first step the bar would show the previous run's progress
+    self.progress.value, self.progress.bar_style = 0, 'info'
     self.thread = threading.Thread(target=self._run, daemon=True)
     self.thread.start()
     return self.thread
