@@ -229,9 +229,16 @@ def _set_busy(self:SaliencyExplorer, busy:bool):
     self.run_button.disabled, self.stop_button.disabled = busy, not busy
 
 @patch
+def _begin(self:SaliencyExplorer):
+    "Mark busy and clear the last run's output, in the caller's thread: nothing stale shows once Run returns."
+    self._stop.clear(); self._set_busy(True)
+    self.results, self.figures, self.error, self.images.children, self.table.value = {}, {}, None, (), ''
+    self.progress.value, self.progress.bar_style = 0, 'info'
+
+@patch
 def _attack_all(self:SaliencyExplorer, names, i, attack):
     "Attack sample `i` under each named model, until Stop is pressed; returns {name: AttackOutcome}."
-    self.progress.max, self.progress.value, self.progress.bar_style = max(len(names)*attack.steps, 1), 0, 'info'
+    self.progress.max = max(len(names)*attack.steps, 1)
     out = {}
     for j,name in enumerate(names):
         out[name] = attack_outcome(self.models[name], self.x[i:i+1], self.y[i:i+1], attack, self.k.value,
@@ -259,9 +266,7 @@ def _fail(self:SaliencyExplorer, msg:str):
 # %% ../nbs/11_widgets.ipynb #999fa8bf
 @patch
 def _run(self:SaliencyExplorer):
-    "One run with the current settings; shows the result, or the error."
-    self._set_busy(True)
-    self.results, self.figures, self.error, self.images.children, self.table.value = {}, {}, None, (), ''
+    "One run with the current settings, after `_begin`; shows the result, or the error."
     start = time.time()
     try:
         names, i = list(self.model_select.value), self.sample.value
@@ -287,18 +292,15 @@ def _run(self:SaliencyExplorer):
 @patch
 def run(self:SaliencyExplorer):
     "Attack the selected sample with the current settings, in this thread; returns {name: AttackOutcome}."
-    self._stop.clear()
+    self._begin()
     return self._run()
 
 @patch
 def start(self:SaliencyExplorer):
     "What Run does: `run` in a background thread (or here, if `background` is False)."
     if self._busy: return self.thread
-    self._stop.clear()
+    self._begin()
     if not self.background: return self._run()
-    self._set_busy(True)
-    # reset before the thread exists: until its first step the bar would show the previous run's progress
-    self.progress.value, self.progress.bar_style = 0, 'info'
     self.thread = threading.Thread(target=self._run, daemon=True)
     self.thread.start()
     return self.thread
