@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_cli.ipynb #a28a8d43
 from __future__ import annotations
-import argparse, ast, contextlib, json, sys, time
+import argparse, ast, contextlib, functools, json, sys, time
 from pathlib import Path
 
 # %% auto #0
@@ -163,13 +163,18 @@ def _demo_figure(models, x, y, protocol, seed, n=3):
     return fig
 
 # %% ../nbs/12_cli.ipynb #8c0ac64e
+@functools.cache
+def _params(fn):
+    "`fn`'s parameters with their docments comments and defaults, parsed once per function."
+    from fastcore.docments import docments
+    return docments(fn, full=True)
+
 def _arg(parser, fn, name, **kw):
     "Add option `--name` for `fn`'s parameter `name`: its docments comment is the help, its default the default."
     import inspect
-    from fastcore.docments import docments
-    default = inspect.signature(fn).parameters[name].default
-    if 'default' not in kw and not kw.get('required') and default is not inspect.Parameter.empty: kw['default'] = default
-    help = (docments(fn)[name] or '').replace('None for', 'omit for')  # on the command line, None is the absent flag
+    p = _params(fn)[name]
+    if 'default' not in kw and not kw.get('required') and p['default'] is not inspect.Parameter.empty: kw['default'] = p['default']
+    help = (p['docment'] or '').replace('None for', 'omit for')  # on the command line, None is the absent flag
     if kw.get('default') is not None and not isinstance(kw.get('default'), bool): help += ' (default: %(default)s)'
     parser.add_argument('--' + name.replace('_', '-'), help=help, **kw)
 
