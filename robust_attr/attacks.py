@@ -30,6 +30,7 @@ class AttackRecord:
     valid: Tensor # (B,) bool: the returned iterate satisfies the attack's constraint
     steps: Tensor # (B,) gradient steps taken for the sample, over all restarts
     moved: Tensor # (B,) bool: the returned input differs from the clean input
+    flat: Tensor # (B,) steps at which the ascent direction was exactly zero (each one moved the sample to a random point)
     def __len__(self): return len(self.score)
 
 # %% ../nbs/05_attacks.ipynb #63156f3e
@@ -101,7 +102,15 @@ def _logits(model, x):
     with torch.no_grad(): return check_logits(model(x), len(x))
 
 # %% ../nbs/05_attacks.ipynb #c33001bf
-def _run(attack, model, best:dict, act:_Active, scored_start:bool, on_step=None, done:int=0):
+def _leave_flat_points(attack, best:dict, act:_Active, g:Tensor, x_next:Tensor, gen):
+    "Move the samples whose ascent direction `g` is exactly zero to random points of the ball (in place in `x_next`)."
+    flat = g.flatten(1).eq(0).all(1)
+    if attack.eps == 0 or not flat.any(): return x_next
+    x_next[flat] = random_start(act.x[flat], attack.eps, attack.norm, attack.box, gen)
+    best['flat'][act.idx[flat]] += 1
+    return x_next
+
+def _run(attack, model, best:dict, act:_Active, scored_start:bool, on_step=None, done:int=0, gen=None):
     "One run of `attack` over the active samples; updates `best` in place; True if `on_step` stopped it."
     steps, stopped = range(attack.steps), False
     for i in (progress_bar(steps, leave=False) if attack.progress else steps):
@@ -113,7 +122,8 @@ def _run(attack, model, best:dict, act:_Active, scored_start:bool, on_step=None,
                 g, = act.keep(keep, g)
                 if not len(act): return
         step = attack.step_size * normalize_step(g, attack.norm)
-        act.x_adv = project(act.x_adv.detach() + step, act.x, attack.eps, attack.norm, attack.box)
+        x_next = project(act.x_adv.detach() + step, act.x, attack.eps, attack.norm, attack.box)
+        act.x_adv = _leave_flat_points(attack, best, act, g, x_next, gen)
         best['steps'][act.idx] += 1
     if len(act): _record(attack, best, act, *attack.score(model, act.x_adv, act.y, act.ctx, None))
     return stopped
@@ -151,6 +161,7 @@ def __call__(self:Attack, model:nn.Module, # the classifier to attack
         best = dict(x=x.clone(), score=self.clean_score(model, x, y, ctx).float(),
                     valid=torch.ones(len(x), dtype=torch.bool, device=x.device),
                     steps=torch.zeros(len(x), dtype=torch.long, device=x.device))
+        best['flat'] = torch.zeros_like(best['steps'])
         for r in range(self.restarts):
             done = self.finished(best['score'], best['valid'], ctx)
             idx = torch.arange(len(x), device=x.device)
@@ -159,11 +170,11 @@ def __call__(self:Attack, model:nn.Module, # the classifier to attack
             rand = self.random_start or r > 0
             start = random_start(x[idx], self.eps, self.norm, self.box, gen) if rand else x[idx]
             act = _Active(idx, start, x[idx], y[idx], _take(ctx, idx))
-            if _run(self, model, best, act, rand, on_step, r*self.steps): break
+            if _run(self, model, best, act, rand, on_step, r*self.steps, gen): break
     x_adv = best['x']
     if not return_record: return x_adv
     moved = (x_adv != x).flatten(1).any(1)
-    return x_adv, AttackRecord(best['score'], best['valid'], best['steps'], moved)
+    return x_adv, AttackRecord(best['score'], best['valid'], best['steps'], moved, best['flat'])
 
 # %% ../nbs/05_attacks.ipynb #3b7a6790
 def margin(logits:Tensor, # (B, n_classes) model outputs

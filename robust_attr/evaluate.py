@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_evaluate.ipynb #a4571f6d
 from __future__ import annotations
-import time, dataclasses
+import time, dataclasses, warnings
 from dataclasses import dataclass, asdict, fields
 import torch
 import torch.nn as nn
@@ -16,9 +16,9 @@ from .metrics import topk_intersection, kendall_tau, spearman, aa_topk, aa_kenda
 from .localize import localization_metrics, LOCALIZATION_COLUMNS
 
 # %% auto #0
-__all__ = ['PROTOCOLS', 'SUMMARY_COLUMNS', 'Protocol', 'protocol_for', 'get_protocol', 'protocol_attacks', 'robust_accuracy',
-           'first_correct', 'check_evaluation', 'evaluate', 'results_frame', 'bootstrap_ci', 'compare', 'plot_attacks',
-           'show_attacks']
+__all__ = ['PROTOCOLS', 'NEVER_MOVED_WARNING', 'SUMMARY_COLUMNS', 'Protocol', 'protocol_for', 'get_protocol', 'protocol_attacks',
+           'robust_accuracy', 'first_correct', 'check_evaluation', 'warn_never_moved', 'evaluate', 'results_frame',
+           'bootstrap_ci', 'compare', 'plot_attacks', 'show_attacks']
 
 # %% ../nbs/09_evaluate.ipynb #0ea88b82
 @dataclass(frozen=True)
@@ -149,6 +149,20 @@ def check_evaluation(model:nn.Module, x:Tensor, y, # the classifier and the eval
     check_k(p.k, pixels, 'k'); check_k(p.attack_k, pixels, 'attack_k')
     return y
 
+# %% ../nbs/09_evaluate.ipynb #57ace308
+NEVER_MOVED_WARNING = 0.05  # share of never-moved samples above which `evaluate` warns
+
+def warn_never_moved(res:dict, # a result of `evaluate`
+                     limit:float=NEVER_MOVED_WARNING): # the share of never-moved samples that is tolerated
+    "Warn when the attack left more than `limit` of the evaluated samples at the clean input; return the share."
+    share = res['never_moved'] / max(res['n'], 1)
+    if share > limit:
+        warnings.warn(f"IFIA never moved {res['never_moved']} of {res['n']} evaluated samples ({share:.0%}): each of them scores "
+                      "IN = CO = 1 without having been changed, so IN and CO overstate the model's robustness. Every iterate "
+                      "the attack reached changed the prediction or did not lower Kendall's tau; try restarts=3, a smaller "
+                      "ifia_step_size, or check that ε suits the data.", UserWarning, stacklevel=2)
+    return share
+
 # %% ../nbs/09_evaluate.ipynb #e442639b
 def evaluate(model:nn.Module, # the classifier, taking [0,1] inputs
              x:Tensor, y:Tensor, # the evaluation set: images in [0,1] and labels
@@ -175,7 +189,7 @@ def evaluate(model:nn.Module, # the classifier, taking [0,1] inputs
     if aa: res['AA'] = robust_accuracy(model, x[:aa_n], y[:aa_n], pgd, bs, progress).float().mean().item()
     if localization: res |= localization_metrics(model, x, y, masks, boxes, bs=bs, **(localization if isinstance(localization, dict) else {}))
     idx, tried = first_correct(model, x, y, p.n, bs)
-    per = {k: [] for k in ('IN', 'CO', 'spearman', 'moved', 'steps') + (('AA_topk', 'AA_kendall', 'AA_spearman') if reference is not None else ())}
+    per = {k: [] for k in ('IN', 'CO', 'spearman', 'moved', 'steps', 'flat') + (('AA_topk', 'AA_kendall', 'AA_spearman') if reference is not None else ())}
     for i in _batches(len(idx), bs, progress, 'IFIA'):
         j = idx[i:i+bs]
         clean = ifia.measure_map(model, x[j], y[j])
@@ -183,6 +197,7 @@ def evaluate(model:nn.Module, # the classifier, taking [0,1] inputs
         adv = ifia.measure_map(model, xa, y[j])
         per['IN'].append(topk_intersection(clean, adv, p.k)); per['CO'].append(kendall_tau(clean, adv))
         per['spearman'].append(spearman(clean, adv)); per['moved'].append(rec.moved); per['steps'].append(rec.steps)
+        per['flat'].append(rec.flat)
         if reference is not None:
             ref = ifia.measure_map(unwrap_model(reference), x[j], y[j])
             per['AA_topk'].append(aa_topk(ref, clean, adv, p.k))
@@ -191,12 +206,13 @@ def evaluate(model:nn.Module, # the classifier, taking [0,1] inputs
     for k in ('IN', 'CO', 'spearman', 'AA_topk', 'AA_kendall', 'AA_spearman'):
         if k in per: res[k] = per[k].float().mean().item() if len(per[k]) else float('nan')
     res.update(n=len(idx), tried=tried, skipped_misclassified=tried-len(idx), never_moved=int((~per.pop('moved').bool()).sum()),
-               protocol=asdict(p), seconds=time.time()-start, per_sample=res.pop('per_sample', {}) | {k: v.tolist() for k,v in per.items()})
+               flat_starts=int((per['flat'] > 0).sum()), protocol=asdict(p), seconds=time.time()-start, per_sample=res.pop('per_sample', {}) | {k: v.tolist() for k,v in per.items()})
+    warn_never_moved(res)
     return res
 
 # %% ../nbs/09_evaluate.ipynb #cafaafe0
-SUMMARY_COLUMNS = ('NA', 'AA', 'IN', 'CO', 'spearman', 'AA_topk', 'AA_kendall', 'AA_spearman', *LOCALIZATION_COLUMNS, 'n', 'tried',
-                   'skipped_misclassified', 'never_moved', 'seconds')
+SUMMARY_COLUMNS = ('NA', 'AA', 'IN', 'CO', 'never_moved', 'spearman', 'AA_topk', 'AA_kendall', 'AA_spearman', *LOCALIZATION_COLUMNS, 'n', 'tried',
+                   'skipped_misclassified', 'flat_starts', 'seconds')
 
 def results_frame(results:dict, # {name: result of `evaluate`} or a single result
                   name:str='model'): # row name for a single result
