@@ -21,12 +21,12 @@ from .core import *
 __all__ = ['SPLITS', 'DIGITS_VALID_PCT', 'SHAPES', 'IDX_TYPES', 'IDX_FILES', 'DEBIAN_FASHION_MNIST', 'IMAGE_EXTS', 'FOLDER_HOW',
            'RESTRICTED_IMAGENET_RANGES', 'IMAGENET_HOW', 'MNIST_CLASSES', 'FASHION_MNIST_CLASSES', 'CIFAR10_CLASSES',
            'DATASETS', 'data_root', 'check_path', 'data_missing', 'pick', 'stratified_split', 'resize_images',
-           'load_image', 'DataSetInfo', 'read_digits', 'shape_masks', 'make_synthetic', 'read_synthetic', 'read_idx',
-           'write_idx', 'idx_dir', 'idx_candidates', 'fashion_mnist_path', 'find_idx', 'read_idx_dataset', 'read_mnist',
-           'read_fashion_mnist', 'ImageTransform', 'read_cifar10', 'read_svhn', 'read_gtsrb', 'ImageFiles',
-           'list_images', 'folder_samples', 'image_folder_split', 'read_image_folder', 'read_flowers17', 'read_cub200',
-           'restricted_imagenet_labels', 'read_restricted_imagenet', 'check_dataset', 'get_dataset', 'get_arrays',
-           'get_dls']
+           'load_image', 'DataSetInfo', 'read_digits', 'shape_masks', 'make_synthetic', 'check_masks', 'mask_to_box',
+           'read_synthetic', 'read_idx', 'write_idx', 'idx_dir', 'idx_candidates', 'fashion_mnist_path', 'find_idx',
+           'read_idx_dataset', 'read_mnist', 'read_fashion_mnist', 'ImageTransform', 'read_cifar10', 'read_svhn',
+           'read_gtsrb', 'ImageFiles', 'list_images', 'folder_samples', 'image_folder_split', 'read_image_folder',
+           'read_flowers17', 'read_cub200', 'restricted_imagenet_labels', 'read_restricted_imagenet', 'check_dataset',
+           'get_dataset', 'get_arrays', 'get_dls']
 
 # %% ../nbs/07_data.ipynb #0d22d1ed
 def data_root():
@@ -165,6 +165,24 @@ def make_synthetic(n:int, # number of images
     noise = 0.05*torch.randn(n, channels, size, size, generator=g)
     x = torch.where(masks[:, None], fg, bg) + noise
     return x.clamp(0, 1), y, masks
+
+# %% ../nbs/07_data.ipynb #1e2dfa06
+def check_masks(masks, # the value to check
+                name:str='masks'): # argument name used in the error
+    "Raise a clear error unless `masks` is a boolean `(B, H, W)` tensor; return it."
+    if not isinstance(masks, Tensor): raise TypeError(f"`{name}` must be a torch.Tensor, got {type(masks).__name__}")
+    if masks.dtype != torch.bool: raise TypeError(f"`{name}` must be a boolean tensor, got {masks.dtype}")
+    if masks.dim() != 3: raise ValueError(f"`{name}` must have shape (B, H, W), got {tuple(masks.shape)}")
+    return masks
+
+# %% ../nbs/07_data.ipynb #9d6ac6b1
+def mask_to_box(masks:Tensor): # boolean `(B, H, W)` masks
+    "The `(B, 4)` box `(x1, y1, x2, y2)` around each mask, in pixel-edge coordinates; `(0, 0, 0, 0)` if empty."
+    from torchvision.ops import masks_to_boxes
+    check_masks(masks)
+    boxes = masks_to_boxes(masks)
+    boxes[:, 2:] += 1
+    return torch.where(masks.flatten(1).any(1, keepdim=True), boxes, 0.)
 
 # %% ../nbs/07_data.ipynb #656ebe68
 def read_synthetic(split:str='train', # 'train', 'valid' or 'test' (= 'valid')
@@ -507,7 +525,6 @@ def get_arrays(name:str, # a key of `DATASETS`
     if isinstance(ds, TensorDataset): ts = ds.tensors
     else: ts = [torch.cat(t) for t in zip(*DataLoader(ds, batch_size=256, num_workers=0))]
     if not with_masks: return ts[0], ts[1].long()
-    from robust_attr.localize import mask_to_box
     return ts[0], ts[1], ts[2], mask_to_box(ts[2])
 
 # %% ../nbs/07_data.ipynb #0cf01452

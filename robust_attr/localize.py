@@ -11,20 +11,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
-from torchvision.ops import box_iou, masks_to_boxes
+from torchvision.ops import box_iou
 from .core import *
 from .attribution import get_attribution
 from .metrics import kendall_tau, spearman
-from .data import data_root, check_path, data_missing, get_dataset, get_arrays, pick, ImageFiles, DATASETS
+from .data import (data_root, check_path, data_missing, get_dataset, get_arrays, pick, ImageFiles, DATASETS,
+                              check_masks, mask_to_box)
+_all_ = ['check_masks', 'mask_to_box']  # defined in `robust_attr.data`, part of this module's API too
 
 # %% auto #0
 __all__ = ['OBJECT_REFERENCES', 'LOCALIZATION_COLUMNS', 'CUB_BOX_FILES', 'FLOWERS17_FOREGROUND', 'LOCALIZATION_DATA', 'gray_maps',
-           'minmax_normalize', 'mean_filter', 'saliency_heatmap', 'check_masks', 'largest_component', 'check_threshold',
-           'heatmap_to_mask', 'saliency_to_mask', 'mask_to_box', 'heatmap_to_box', 'saliency_to_box', 'check_boxes',
-           'box_pair_iou', 'mask_iou', 'iou', 'gt_known_loc', 'top1_loc', 'top1_seg', 'centered_boxes',
-           'topk_per_sample', 'object_topk', 'object_alignment', 'attribution_maps', 'predict', 'localization_metrics',
+           'minmax_normalize', 'mean_filter', 'saliency_heatmap', 'largest_component', 'check_threshold',
+           'heatmap_to_mask', 'saliency_to_mask', 'heatmap_to_box', 'saliency_to_box', 'check_boxes', 'box_pair_iou',
+           'mask_iou', 'iou', 'gt_known_loc', 'top1_loc', 'top1_seg', 'centered_boxes', 'topk_per_sample',
+           'object_topk', 'object_alignment', 'attribution_maps', 'predict', 'localization_metrics',
            'read_cub200_boxes', 'image_sizes', 'scale_boxes', 'cub200_boxes', 'read_mask', 'flowers17_mask_dir',
-           'localization_arrays', 'show_localization']
+           'localization_arrays', 'show_localization', 'check_masks', 'mask_to_box']
 
 # %% ../nbs/09a_localize.ipynb #281760d0
 def gray_maps(maps:Tensor, # `(B, H, W)` or `(B, C, H, W)` attribution maps
@@ -63,15 +65,6 @@ def saliency_heatmap(maps:Tensor, # `(B, H, W)` or `(B, C, H, W)` attribution ma
     "ART's heat map (sec. 4.2): grey, min-max normalized, mean-filtered, peak 1 (all 0 if the map is constant)."
     h = mean_filter(minmax_normalize(gray_maps(maps, reduce, abs)), smooth)
     return h / h.flatten(1).amax(1).clamp_min(torch.finfo(h.dtype).tiny).view(-1, 1, 1)
-
-# %% ../nbs/09a_localize.ipynb #1e2dfa06
-def check_masks(masks, # the value to check
-                name:str='masks'): # argument name used in the error
-    "Raise a clear error unless `masks` is a boolean `(B, H, W)` tensor; return it."
-    if not isinstance(masks, Tensor): raise TypeError(f"`{name}` must be a torch.Tensor, got {type(masks).__name__}")
-    if masks.dtype != torch.bool: raise TypeError(f"`{name}` must be a boolean tensor, got {masks.dtype}")
-    if masks.dim() != 3: raise ValueError(f"`{name}` must have shape (B, H, W), got {tuple(masks.shape)}")
-    return masks
 
 # %% ../nbs/09a_localize.ipynb #c208fa4e
 def largest_component(masks:Tensor, # boolean `(B, H, W)` masks
@@ -118,14 +111,6 @@ def saliency_to_mask(maps:Tensor, # `(B, H, W)` or `(B, C, H, W)` attribution ma
                      connectivity:int=8): # 8 or 4, for `largest`
     "Weakly supervised segmentation mask `(B, H, W)` from attribution maps (ART sec. 5)."
     return heatmap_to_mask(saliency_heatmap(maps, reduce, abs, smooth), threshold, largest, connectivity)
-
-# %% ../nbs/09a_localize.ipynb #9d6ac6b1
-def mask_to_box(masks:Tensor): # boolean `(B, H, W)` masks
-    "The `(B, 4)` box `(x1, y1, x2, y2)` around each mask, in pixel-edge coordinates; `(0, 0, 0, 0)` if empty."
-    check_masks(masks)
-    boxes = masks_to_boxes(masks)
-    boxes[:, 2:] += 1
-    return torch.where(masks.flatten(1).any(1, keepdim=True), boxes, 0.)
 
 # %% ../nbs/09a_localize.ipynb #f9a9ab14
 def heatmap_to_box(heat:Tensor, # `(B, H, W)` heat maps from `saliency_heatmap`
