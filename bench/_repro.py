@@ -60,7 +60,7 @@ def _methods(attr_steps:int, ig_steps:int, pgd_steps:int, grad_m:int, lam_scale:
     return {
         'adv': dict(eps=EPS, step_size=2.5*EPS/pgd_steps, steps=pgd_steps, adv_ratio=0.7),  # FAR Table 3: ratio 0.7
         'ig_norm': dict(lam=1., eps=EPS, step_size=attr_step, steps=attr_steps, attack_m=ig_steps, grad_m=grad_m),  # RAR λ=1
-        'ig_sum_norm': dict(beta=0.1, eps=EPS, step_size=attr_step, steps=attr_steps, attack_m=ig_steps, grad_m=grad_m),  # RAR β=0.1
+        'ig_sum_norm': dict(lam=0.1, eps=EPS, step_size=attr_step, steps=attr_steps, attack_m=ig_steps, grad_m=grad_m),  # RAR β=0.1
         'art': dict(lam=0.5, eps=EPS, step_size=EPS*1.5/8, steps=3, beta=50.),  # ART: λ=0.5, α=ε·1.5/8, 3 steps, β=50
         'aat': dict(lam=1.*lam_scale, eps=EPS, steps=attr_steps, ig_steps=ig_steps),      # FAR Table 3: λ=1.0 on Fashion-MNIST
         'adv_aat': dict(lam=0.5*lam_scale, eps=EPS, steps=attr_steps, ig_steps=ig_steps),  # FAR Table 3: λ=0.5

@@ -1,7 +1,7 @@
 """Time per training step of every robust-attribution method, relative to a natural step, next to its pass-count bound.
 
 SmallCNN, batch 50, 28×28 inputs (Fashion-MNIST when installed, else the bundled digits at 28×28), each preset
-with its default settings. The bound is `robust_attr.train.step_passes` priced with `unit_costs` measured in the
+with its default settings. The bound is `robust_attr.passes.step_passes` priced with `unit_costs` measured in the
 same run on the same CPU, plus the natural step's time outside its passes (optimizer step, fastai's loop). The
 passes each step actually ran (counted by `CountPasses`) are reported next to the derived ones, so a wasted pass
 shows even when the timings are noisy.
@@ -23,7 +23,8 @@ from fastai.data.core import DataLoaders
 
 from robust_attr.data import get_arrays, fashion_mnist_path
 from robust_attr.models import SmallCNN
-from robust_attr.train import METHODS, CountPasses, robust_learner, step_passes, total_passes, unit_costs, relative_units, step_cost, pass_bound
+from robust_attr.train import METHODS, robust_learner
+from robust_attr.passes import CountPasses, step_passes, total_passes, unit_costs, relative_units, step_cost, pass_bound
 
 RESULTS = Path(__file__).parent/'results'
 TARGET = 1.3  # each method's step time within this factor of its pass-count bound

@@ -5,22 +5,21 @@
 # %% ../nbs/05_attacks.ipynb #b2c6df43
 from __future__ import annotations
 from dataclasses import dataclass
-from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from fastcore.basics import store_attr, patch
+from fastcore.basics import store_attr
 from fastprogress.fastprogress import progress_bar
 from .core import *
 from .smooth import softplus_surrogate
-from .attribution import get_attribution, integrated_gradients, attribution_map, check_internal_batch_size
+from .attribution import MapSpec, split_map_options, class_gradients
 from .metrics import kendall_tau, topk_intersection, topk_mask
 from .losses import topk_mass, mass_center_shift, get_dissimilarity, targeted_mse, art_triplet_loss, art_negative_class
 
 # %% auto #0
-__all__ = ['IFIA_SELECT', 'SMOOTH_MODES', 'AttackRecord', 'Attack', 'unwrap_model', 'margin', 'PGD', 'IFIA', 'AdvIFIA',
-           'TargetedAttributionAttack', 'class_gradients', 'art_loss', 'ARTAttack', 'captum_attribution']
+__all__ = ['IFIA_SELECT', 'AttackRecord', 'Attack', 'unwrap_model', 'margin', 'PGD', 'IFIA', 'AdvIFIA',
+           'TargetedAttributionAttack', 'art_loss', 'ARTAttack', 'captum_attribution']
 
 # %% ../nbs/05_attacks.ipynb #ddda5c36
 @dataclass
@@ -35,9 +34,9 @@ class AttackRecord:
 
 # %% ../nbs/05_attacks.ipynb #63156f3e
 class Attack:
-    "Batched iterative attack in an ε-ball around `x`; subclasses define `prepare`, `objective`, `score`."
+    "Batched iterative attack in an ε-ball around `x`; subclasses define `prepare`, `ascent_objective`, `score`."
     select = 'best'
-    def __init__(self, eps:float, # radius of the threat model, in [0,1] pixel units
+    def __init__(self, eps:float|ThreatModel, # radius in [0,1] pixel units, or a whole `ThreatModel` (its norm and box win)
                  step_size:float, # length of one ascent step (L∞: per pixel; L2: per sample)
                  steps:int, # ascent steps per run
                  norm:str='linf', # 'linf' or 'l2'
@@ -46,6 +45,7 @@ class Attack:
                  box=BOX, # the data box every iterate is clamped to
                  progress:bool=False, # show a progress bar over the steps
                  seed:int|None=None): # seed of the random starts (None: torch's global generator)
+        if isinstance(eps, ThreatModel): eps, norm, box = eps.eps, eps.norm, eps.box
         self.eps = check_number(eps, 'eps', min=0)
         self.step_size = check_number(step_size, 'step_size', min=0, strict=True)
         self.steps = check_number(steps, 'steps', min=0, integer=True)
@@ -53,11 +53,57 @@ class Attack:
         self.norm = check_choice(norm, NORMS, 'norm')
         store_attr('random_start,box,progress,seed')
 
+    @property
+    def threat(self): return ThreatModel(self.eps, self.norm, self.box)
+
     def prepare(self, model, x, y, **context): return {}
     def ascent_objective(self, model, x_adv, y, ctx): raise NotImplementedError
     def score(self, model, x_adv, y, ctx, logits=None): return None, None
     def clean_score(self, model, x, y, ctx): return torch.full((len(x),), -float('inf'), device=x.device)
     def finished(self, score, valid, ctx): return None
+
+    def _generator(self, device):
+        "The attack's own generator on `device` (None when unseeded: torch's global generator is used)."
+        if self.seed is None: return None
+        gen = getattr(self, '_gen', None)
+        if gen is None or gen.device != torch.device(device):
+            gen = self._gen = torch.Generator(device).manual_seed(self.seed)
+        return gen
+
+    def random_points(self, x:Tensor, generator=None):
+        "Random starts: uniform points of the ball around `x`, in the box (`distributed` shards them per process)."
+        return random_start(x, self.eps, self.norm, self.box, generator)
+
+    def __call__(self, model:nn.Module, # the classifier to attack
+                 x:Tensor, # clean batch in the data box, (B, ...)
+                 y, # labels: an int or a (B,) tensor of class indices
+                 return_record:bool=False, # also return an `AttackRecord`
+                 on_step=None, # `on_step(step, total)` before each step; returning True stops the attack
+                 **context): # extra per-call inputs for `prepare` (e.g. `target_map`)
+        "Attack the batch `x`; returns the selected iterates (and the per-sample `AttackRecord`)."
+        x = check_images(x, box=self.box).detach()
+        model = unwrap_model(model)
+        gen = self._generator(x.device)
+        with eval_mode(model, requires_grad=False), torch.enable_grad():
+            y = check_targets(y, len(x), _logits(model, x[:1]).shape[1], device=x.device, name='y')
+            ctx = self.prepare(model, x, y, **context)
+            best = dict(x=x.clone(), score=self.clean_score(model, x, y, ctx).float(),
+                        valid=torch.ones(len(x), dtype=torch.bool, device=x.device),
+                        steps=torch.zeros(len(x), dtype=torch.long, device=x.device))
+            best['flat'] = torch.zeros_like(best['steps'])
+            for r in range(self.restarts):
+                done = self.finished(best['score'], best['valid'], ctx)
+                idx = torch.arange(len(x), device=x.device)
+                if done is not None: idx = idx[~done]
+                if not len(idx): break
+                rand = self.random_start or r > 0
+                start = self.random_points(x[idx], gen) if rand else x[idx]
+                act = _Active(idx, start, x[idx], y[idx], _take(ctx, idx))
+                if _run(self, model, best, act, rand, on_step, r*self.steps, gen): break
+        x_adv = best['x']
+        if not return_record: return x_adv
+        moved = (x_adv != x).flatten(1).any(1)
+        return x_adv, AttackRecord(best['score'], best['valid'], best['steps'], moved, best['flat'])
 
     def __repr__(self):
         args = ', '.join(f'{k}={v!r}' for k,v in vars(self).items() if not k.startswith('_'))
@@ -106,7 +152,7 @@ def _leave_flat_points(attack, best:dict, act:_Active, g:Tensor, x_next:Tensor, 
     "Move the samples whose ascent direction `g` is exactly zero to random points of the ball (in place in `x_next`)."
     flat = g.flatten(1).eq(0).all(1)
     if attack.eps == 0 or not flat.any(): return x_next
-    x_next[flat] = random_start(act.x[flat], attack.eps, attack.norm, attack.box, gen)
+    x_next[flat] = attack.random_points(act.x[flat], gen)
     best['flat'][act.idx[flat]] += 1
     return x_next
 
@@ -132,49 +178,6 @@ def _run(attack, model, best:dict, act:_Active, scored_start:bool, on_step=None,
 def unwrap_model(model:nn.Module):
     "The module inside a `DistributedDataParallel` / `DataParallel` wrapper, else `model` itself."
     return getattr(model, 'module', model)
-
-# %% ../nbs/05_attacks.ipynb #86b8d8bb
-@patch
-def _generator(self:Attack, device):
-    "The attack's own generator on `device` (None when unseeded: torch's global generator is used)."
-    if self.seed is None: return None
-    gen = getattr(self, '_gen', None)
-    if gen is None or gen.device != torch.device(device):
-        gen = self._gen = torch.Generator(device).manual_seed(self.seed)
-    return gen
-
-# %% ../nbs/05_attacks.ipynb #063bbcf1
-@patch
-def __call__(self:Attack, model:nn.Module, # the classifier to attack
-             x:Tensor, # clean batch in the data box, (B, ...)
-             y, # labels: an int or a (B,) tensor of class indices
-             return_record:bool=False, # also return an `AttackRecord`
-             on_step=None, # `on_step(step, total)` before each step; returning True stops the attack
-             **context): # extra per-call inputs for `prepare` (e.g. `target_map`)
-    "Attack the batch `x`; returns the selected iterates (and the per-sample `AttackRecord`)."
-    x = check_images(x, box=self.box).detach()
-    model = unwrap_model(model)
-    gen = self._generator(x.device)
-    with eval_mode(model, requires_grad=False), torch.enable_grad():
-        y = check_targets(y, len(x), _logits(model, x[:1]).shape[1], device=x.device, name='y')
-        ctx = self.prepare(model, x, y, **context)
-        best = dict(x=x.clone(), score=self.clean_score(model, x, y, ctx).float(),
-                    valid=torch.ones(len(x), dtype=torch.bool, device=x.device),
-                    steps=torch.zeros(len(x), dtype=torch.long, device=x.device))
-        best['flat'] = torch.zeros_like(best['steps'])
-        for r in range(self.restarts):
-            done = self.finished(best['score'], best['valid'], ctx)
-            idx = torch.arange(len(x), device=x.device)
-            if done is not None: idx = idx[~done]
-            if not len(idx): break
-            rand = self.random_start or r > 0
-            start = random_start(x[idx], self.eps, self.norm, self.box, gen) if rand else x[idx]
-            act = _Active(idx, start, x[idx], y[idx], _take(ctx, idx))
-            if _run(self, model, best, act, rand, on_step, r*self.steps, gen): break
-    x_adv = best['x']
-    if not return_record: return x_adv
-    moved = (x_adv != x).flatten(1).any(1)
-    return x_adv, AttackRecord(best['score'], best['valid'], best['steps'], moved, best['flat'])
 
 # %% ../nbs/05_attacks.ipynb #3b7a6790
 def margin(logits:Tensor, # (B, n_classes) model outputs
@@ -214,29 +217,14 @@ class PGD(Attack):
     def clean_score(self, model, x, y, ctx): return self.score(model, x, y, ctx)[0]
     def finished(self, score, valid, ctx): return score > 0 if self.early_stop else None
 
-# %% ../nbs/05_attacks.ipynb #18071aec
-def _is_ig(fn): return fn is integrated_gradients or getattr(fn, 'ig_options', False)
-
-def _process_map(a, reduce, abs):
-    "Per-pixel form of a map for comparison: |·| and channel reduction (identity when both are off)."
-    return a if (reduce is None and not abs) else attribution_map(a, reduce=reduce, abs=abs, normalize=False)
-
-def _map_fn(attribution, ig_steps:int, ig_method:str, of:str, internal_batch_size=None):
-    "A `(model, x, target, create_graph, baseline)` map function for an attribution name or callable."
-    fn = get_attribution(attribution)
-    if not _is_ig(fn): return lambda model, x, y, create_graph, baseline=None: fn(model, x, y, create_graph=create_graph)
-    chunk = {} if internal_batch_size is None else dict(internal_batch_size=internal_batch_size)
-    return partial(fn, steps=ig_steps, method=ig_method, of=of, **chunk)
-
 # %% ../nbs/05_attacks.ipynb #5a1bff22
 IFIA_SELECT = ('kendall', 'topk', 'last')
-SMOOTH_MODES = ('softplus', 'second_order')
 
 class IFIA(Attack):
     "Ghorbani et al.'s iterative feature-importance attack (FAR Alg. 1): change the map, keep the prediction."
     target = 'clean'  # the target map S^T: the clean input's map
     checks_prediction = True  # iterates that change the prediction are invalid
-    def __init__(self, eps:float, # L∞ (or L2) radius
+    def __init__(self, eps:float|ThreatModel, # L∞ (or L2) radius, or a `ThreatModel`
                  step_size:float, # step length
                  steps:int, # steps per run
                  k:int=100, # size of the clean top-k mask the 'topk' objective attacks
@@ -248,94 +236,68 @@ class IFIA(Attack):
                  objective='topk', # 'topk', 'mass_center', or a dissimilarity name / callable
                  select:str='kendall', # 'kendall', 'topk' or 'last' (see above)
                  measure=None, # attribution for measuring (default: `attribution`), e.g. a `captum_attribution`
-                 reduce:str|None='sum', # channel reduction of the per-pixel maps (None keeps the channels)
-                 abs:bool=True, # compare |S| (per-pixel importance); False keeps signed maps
-                 ig_method:str='riemann_right', # IG quadrature
-                 of:str='logit', # IG of the 'logit', 'prob' or 'loss'
-                 baseline=None, # IG baseline: None (zeros), a tensor, or 'clean'
+                 spec:MapSpec|None=None, # the climbed map whole (then `attribution`, `attack_ig_steps`, `beta`, `smooth` and map options are its)
                  random_start:bool=False, # Ghorbani et al. start at the clean input
                  restarts:int=1, # runs per sample (later runs start at random points)
                  internal_batch_size:int|None=None, # rows (samples × IG points) per IG pass; None: all at once
-                 **kwargs):
+                 **kwargs): # map options of `MapSpec` (`reduce`, `abs`, `ig_method`, `of`, `baseline`) and `Attack`'s
+        map_options, kwargs = split_map_options(kwargs)
         super().__init__(eps, step_size, steps, random_start=random_start, restarts=restarts, **kwargs)
         self.k = check_number(k, 'k', min=1, integer=True)
-        self.beta = check_number(beta, 'beta', min=0, strict=True)
-        self.smooth = None if smooth is None else check_choice(smooth, SMOOTH_MODES, 'smooth')
         self.select = check_choice(select, IFIA_SELECT, 'select')
-        check_choice(reduce, ('sum', 'mean', 'max', None), 'reduce')
-        ig_steps = check_number(ig_steps, 'ig_steps', min=1, integer=True)
-        attack_ig_steps = check_number(attack_ig_steps, 'attack_ig_steps', min=1, integer=True)
         if objective not in ('topk', 'mass_center'): self._dissimilarity = get_dissimilarity(objective)
-        self.internal_batch_size = check_internal_batch_size(internal_batch_size)
-        store_attr('attribution,ig_steps,attack_ig_steps,objective,measure,reduce,abs,ig_method,of,baseline')
-        self._attack_fn = _map_fn(attribution, attack_ig_steps, ig_method, of, self.internal_batch_size)
-        self._measure_fn = _map_fn(attribution if measure is None else measure, ig_steps, ig_method, 'logit', self.internal_batch_size)
+        self.spec = spec or MapSpec(attribution, attack_ig_steps, smooth=smooth, beta=beta,
+                                    internal_batch_size=internal_batch_size, **map_options)
+        self.measure_spec = MapSpec(self.spec.attribution if measure is None else measure, check_number(ig_steps, 'ig_steps', min=1, integer=True),
+                                    ig_method=self.spec.ig_method, reduce=self.spec.reduce, abs=self.spec.abs,
+                                    internal_batch_size=self.spec.internal_batch_size if spec else internal_batch_size)
+        store_attr('objective,measure')
 
-# %% ../nbs/05_attacks.ipynb #c7179a4f
-@patch
-def _baseline(self:IFIA, ctx): return ctx['x'] if isinstance(self.baseline, str) else self.baseline
+    def attack_map(self, model, x, y, ctx, create_graph:bool=True):
+        "The map the attack climbs: `spec`'s map, on the smoothed model unless the spec says otherwise."
+        return self.spec(model, x, y, create_graph=create_graph, x_clean=ctx.get('x'))
 
-@patch
-def attack_map(self:IFIA, model, x, y, ctx, create_graph:bool=True):
-    "The map the attack climbs: the attribution of the smoothed model, per pixel."
-    if self.smooth is None: a = self._attack_fn(model, x, y, create_graph=create_graph, baseline=self._baseline(ctx))
-    else:
-        with softplus_surrogate(model, self.beta, self.smooth):
-            a = self._attack_fn(model, x, y, create_graph=create_graph, baseline=self._baseline(ctx))
-    return _process_map(a, self.reduce, self.abs)
+    def measure_map(self, model, x, y):
+        "The map robustness is measured on: the attribution of the exact (ReLU) model of the logit, zero baseline."
+        return self.measure_spec(model, x, y)
 
-@patch
-def measure_map(self:IFIA, model, x, y):
-    "The map robustness is measured on: the attribution of the exact (ReLU) model, per pixel."
-    return _process_map(self._measure_fn(model, x, y, create_graph=False), self.reduce, self.abs)
+    def _check_clean_map(self, clean_map, x):
+        "A caller's clean measured map, checked to have the shape `measure_map` gives for `x`."
+        shape = (len(x), *x.shape[2:]) if (self.spec.reduce is not None and x.dim()==4) else tuple(x.shape)
+        if tuple(check_tensor(clean_map, 'clean_map').shape) != shape:
+            raise ValueError(f"`clean_map` must have the shape of the measured maps {shape}, got {tuple(clean_map.shape)}")
+        return clean_map.detach().to(x.device)
 
-# %% ../nbs/05_attacks.ipynb #63e9c756
-@patch
-def _check_clean_map(self:IFIA, clean_map, x):
-    "A caller's clean measured map, checked to have the shape `measure_map` gives for `x`."
-    shape = (len(x), *x.shape[2:]) if (self.reduce is not None and x.dim()==4) else tuple(x.shape)
-    if tuple(check_tensor(clean_map, 'clean_map').shape) != shape:
-        raise ValueError(f"`clean_map` must have the shape of the measured maps {shape}, got {tuple(clean_map.shape)}")
-    return clean_map.detach().to(x.device)
+    def prepare(self, model, x, y, target_map=None, clean_map=None):
+        ctx = dict(x=x, pred=_logits(model, x).argmax(1)) if self.checks_prediction else dict(x=x)
+        if self.select!='last' or self.objective=='topk':
+            ctx['clean_map'] = self.measure_map(model, x, y) if clean_map is None else self._check_clean_map(clean_map, x)
+        if self.objective=='topk': ctx['mask'] = topk_mask(ctx['clean_map'], self.k)
+        elif self.target=='clean':
+            if target_map is None: target_map = self.attack_map(model, x, y, ctx, create_graph=False)
+            ctx['target_map'] = target_map.detach()
+        return ctx
 
-@patch
-def prepare(self:IFIA, model, x, y, target_map=None, clean_map=None):
-    ctx = dict(x=x, pred=_logits(model, x).argmax(1)) if self.checks_prediction else dict(x=x)
-    if self.select!='last' or self.objective=='topk':
-        ctx['clean_map'] = self.measure_map(model, x, y) if clean_map is None else self._check_clean_map(clean_map, x)
-    if self.objective=='topk': ctx['mask'] = topk_mask(ctx['clean_map'], self.k)
-    elif self.target=='clean':
-        if target_map is None: target_map = self.attack_map(model, x, y, ctx, create_graph=False)
-        ctx['target_map'] = target_map.detach()
-    return ctx
+    def _map_objective(self, m, ctx):
+        "The dissimilarity the attack ascends, for a batch of climbed maps."
+        if self.objective=='topk': return -topk_mass(m, ctx['mask'])
+        target = ctx['target_map'] if self.target=='clean' else torch.zeros_like(m)
+        if self.objective=='mass_center': return mass_center_shift(m, target)
+        return self._dissimilarity(m, target)
 
-@patch
-def _map_objective(self:IFIA, m, ctx):
-    "The dissimilarity the attack ascends, for a batch of climbed maps."
-    if self.objective=='topk': return -topk_mass(m, ctx['mask'])
-    target = ctx['target_map'] if self.target=='clean' else torch.zeros_like(m)
-    if self.objective=='mass_center': return mass_center_shift(m, target)
-    return self._dissimilarity(m, target)
+    def ascent_objective(self, model, x_adv, y, ctx): return self._map_objective(self.attack_map(model, x_adv, y, ctx), ctx)
 
-@patch
-def ascent_objective(self:IFIA, model, x_adv, y, ctx): return self._map_objective(self.attack_map(model, x_adv, y, ctx), ctx)
+    def score(self, model, x_adv, y, ctx, logits=None):
+        valid = _logits(model, x_adv).argmax(1) == ctx['pred']
+        if self.select=='last': return None, valid
+        s = torch.full((len(x_adv),), -float('inf'), device=x_adv.device)
+        if valid.any():
+            m, clean = self.measure_map(model, x_adv[valid], y[valid]), ctx['clean_map'][valid]
+            s[valid] = -(kendall_tau(m, clean) if self.select=='kendall' else topk_intersection(clean, m, self.k)).float()
+        return s, valid
 
-# %% ../nbs/05_attacks.ipynb #7690468d
-@patch
-def score(self:IFIA, model, x_adv, y, ctx, logits=None):
-    valid = _logits(model, x_adv).argmax(1) == ctx['pred']
-    if self.select=='last': return None, valid
-    s = torch.full((len(x_adv),), -float('inf'), device=x_adv.device)
-    if valid.any():
-        m, clean = self.measure_map(model, x_adv[valid], y[valid]), ctx['clean_map'][valid]
-        s[valid] = -(kendall_tau(m, clean) if self.select=='kendall' else topk_intersection(clean, m, self.k)).float()
-    return s, valid
-
-@patch
-def clean_score(self:IFIA, model, x, y, ctx): return torch.full((len(x),), -1., device=x.device)
-
-@patch
-def finished(self:IFIA, score, valid, ctx): return ~valid if self.select=='last' else None
+    def clean_score(self, model, x, y, ctx): return torch.full((len(x),), -1., device=x.device)
+    def finished(self, score, valid, ctx): return ~valid if self.select=='last' else None
 
 # %% ../nbs/05_attacks.ipynb #61c042a6
 class AdvIFIA(IFIA):
@@ -399,15 +361,6 @@ class TargetedAttributionAttack(IFIA):
         return -targeted_mse(self.measure_map(model, x, y), ctx['target_map']).float()
 
 # %% ../nbs/05_attacks.ipynb #f5654b96
-def class_gradients(model, x:Tensor, classes, create_graph:bool=True):
-    "Input gradients of the logits of each `(B,)` class-index tensor in `classes` (or `classes(logits)`), from one forward pass."
-    x = x if x.requires_grad else x.detach().requires_grad_(True)
-    logits = check_logits(model(x), len(x))
-    if callable(classes): classes = classes(logits.detach())
-    outs = [logits.gather(1, c[:,None]).sum() for c in classes]
-    grads = [torch.autograd.grad(o, x, create_graph=create_graph, retain_graph=True)[0] for o in outs]
-    return grads, logits
-
 def art_loss(model, x:Tensor, y:Tensor, # model, batch and labels
              beta:float=50., # softplus β of the gradients
              channel_reduce=None, # None or 'mean' (ART on CUB averages channels)

@@ -4,17 +4,23 @@
 
 # %% ../nbs/02_attribution.ipynb #74fb4d46
 from __future__ import annotations
+import dataclasses
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from .core import *
+from .smooth import softplus_surrogate, check_beta, SURROGATE_MODES
 
 # %% auto #0
-__all__ = ['OUTPUTS', 'QUADRATURES', 'ATTRIBUTIONS', 'output_score', 'gradient', 'saliency', 'input_x_gradient', 'quadrature',
-           'check_internal_batch_size', 'integrated_gradients', 'path_integrated_gradients', 'smoothgrad',
-           'gradient_shap', 'layer_integrated_gradients', 'attribution_map', 'get_attribution']
+__all__ = ['OUTPUTS', 'QUADRATURES', 'ATTRIBUTIONS', 'MAP_OPTIONS', 'output_score', 'gradient', 'saliency', 'input_x_gradient',
+           'quadrature', 'check_internal_batch_size', 'integrated_gradients', 'path_integrated_gradients', 'smoothgrad',
+           'gradient_shap', 'layer_integrated_gradients', 'attribution_map', 'get_attribution', 'log_probs',
+           'class_gradients', 'MapSpec', 'split_map_options']
 
 # %% ../nbs/02_attribution.ipynb #cb028755
 OUTPUTS = ('logit', 'prob', 'loss')
@@ -296,3 +302,86 @@ def get_attribution(attribution): # a name in `ATTRIBUTIONS`, or a callable with
     if not isinstance(attribution, str):
         raise TypeError(f"`attribution` must be a name or a callable, got {type(attribution).__name__}")
     return ATTRIBUTIONS[check_choice(attribution, tuple(ATTRIBUTIONS), 'attribution')]
+
+# %% ../nbs/02_attribution.ipynb #7114b493
+def log_probs(model:nn.Module, x:Tensor, target, # model, batch and (unused) classes, as every map takes them
+              create_graph:bool=False): # keep the graph
+    "The model's log-probabilities `(B, n_classes)` as a map (TRADES' S in FAR's terms)."
+    out = F.log_softmax(check_logits(model(x), len(x)), 1)
+    return out if create_graph else out.detach()
+log_probs.from_logits = partial(F.log_softmax, dim=1)  # S from logits the caller already has
+
+def class_gradients(model:nn.Module, x:Tensor, # the classifier and a batch
+                    classes, # a list of `(B,)` class-index tensors, or `classes(logits)` returning one
+                    create_graph:bool=True): # keep the graph (training and attacking need it)
+    "Input gradients of the logits of each class-index tensor in `classes`, from one forward pass; and the logits."
+    x = x if x.requires_grad else x.detach().requires_grad_(True)
+    logits = check_logits(model(x), len(x))
+    if callable(classes): classes = classes(logits.detach())
+    outs = [logits.gather(1, c[:,None]).sum() for c in classes]
+    grads = [torch.autograd.grad(o, x, create_graph=create_graph, retain_graph=True)[0] for o in outs]
+    return grads, logits
+
+ATTRIBUTIONS['log_probs'] = log_probs
+
+# %% ../nbs/02_attribution.ipynb #aa5559ba
+@dataclass(frozen=True, eq=False)
+class MapSpec:
+    "What a map S is — attribution, IG options, per-pixel form, surrogate — and, called, the map itself."
+    attribution:object='ig' # a name of `ATTRIBUTIONS` or a callable `(model, x, target, create_graph=...)`
+    ig_steps:int=50 # IG points (IG-like attributions only)
+    ig_method:str='riemann_right' # IG quadrature, one of `QUADRATURES`
+    of:str='logit' # IG of the 'logit', 'prob' or 'loss'
+    baseline:object=None # IG baseline: None (zeros), a number or tensor, or 'clean' (the path from the clean x)
+    reduce:str|None='sum' # channel reduction of the per-pixel map (None keeps the channels)
+    abs:bool=True # |S|, per-pixel importance; False keeps signed maps
+    smooth:str|None=None # surrogate for second derivatives: None, 'softplus' or FAR's 'second_order'
+    beta:float=1.0 # softplus β of the surrogate
+    internal_batch_size:int|None=None # rows per IG pass: bounds memory, never changes the map
+
+    def __post_init__(self):
+        get_attribution(self.attribution)
+        check_number(self.ig_steps, 'ig_steps', min=1, integer=True)
+        check_choice(self.ig_method, QUADRATURES, 'ig_method'); check_choice(self.of, OUTPUTS, 'of')
+        check_choice(self.reduce, CHANNEL_REDUCTIONS, 'reduce'); check_choice(self.smooth, SURROGATE_MODES + (None,), 'smooth')
+        check_beta(self.beta); check_internal_batch_size(self.internal_batch_size)
+        if isinstance(self.baseline, str) and self.baseline != 'clean':
+            raise ValueError(f"`baseline` must be None, a number, a tensor or 'clean', got {self.baseline!r}")
+
+    @property
+    def is_ig(self):
+        "Does the attribution take IG's options (points, quadrature, `of`, baseline)?"
+        fn = get_attribution(self.attribution)
+        return fn is integrated_gradients or getattr(fn, 'ig_options', False)
+
+    def _options(self, x_clean):
+        if not self.is_ig: return {}
+        kw = dict(steps=self.ig_steps, method=self.ig_method, of=self.of, internal_batch_size=self.internal_batch_size)
+        if self.baseline == 'clean' if isinstance(self.baseline, str) else self.baseline is not None:
+            kw['baseline'] = x_clean if isinstance(self.baseline, str) else self.baseline
+        return kw
+
+    def __call__(self, model:nn.Module, x:Tensor, target, # classifier, batch and classes to explain
+                 create_graph:bool=False, # keep the graph (to differentiate the map)
+                 x_clean:Tensor|None=None): # the clean batch, for `baseline='clean'`
+        "The map of `x`, in its per-pixel form."
+        if self.baseline == 'clean' and x_clean is None: raise ValueError("`baseline='clean'` needs the clean batch `x_clean`")
+        fn = get_attribution(self.attribution)
+        with (nullcontext() if self.smooth is None else softplus_surrogate(model, self.beta, self.smooth)):
+            a = fn(model, x, target, create_graph=create_graph, **self._options(x_clean))
+        return a if (self.reduce is None and not self.abs) else attribution_map(a, reduce=self.reduce, abs=self.abs, normalize=False)
+
+    def replace(self, **changes): return dataclasses.replace(self, **changes)
+    def first_order(self):
+        "This spec without FAR's second-order surrogate, which changes no map value."
+        return self.replace(smooth=None) if self.smooth == 'second_order' else self
+
+    def _key(self): return tuple(id(v) if isinstance(v, Tensor) else v for k,v in vars(self).items() if k != 'internal_batch_size')
+    def __eq__(self, other): return isinstance(other, MapSpec) and self._key() == other._key()
+    def __hash__(self): return hash(self._key())
+
+MAP_OPTIONS = tuple(f.name for f in dataclasses.fields(MapSpec))
+
+def split_map_options(kwargs:dict): # keyword arguments, some of them `MapSpec` fields
+    "`(map options, the rest)` of `kwargs`."
+    return {k: v for k,v in kwargs.items() if k in MAP_OPTIONS}, {k: v for k,v in kwargs.items() if k not in MAP_OPTIONS}

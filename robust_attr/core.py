@@ -6,6 +6,7 @@
 from __future__ import annotations
 import math, numbers
 from contextlib import contextmanager
+from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -13,7 +14,7 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['NORMS', 'BOX', 'CHANNEL_REDUCTIONS', 'check_choice', 'check_number', 'check_tensor', 'check_images', 'check_targets',
            'check_logits', 'check_same_shape', 'as_batch', 'per_sample_norm', 'clamp_box', 'project_linf', 'project_l2',
-           'project', 'normalize_step', 'random_start', 'reduce_channels', 'eval_mode', 'model_device']
+           'project', 'normalize_step', 'random_start', 'ThreatModel', 'reduce_channels', 'eval_mode', 'model_device']
 
 # %% ../nbs/00_core.ipynb #24dae6a2
 NORMS = ('linf', 'l2')
@@ -181,6 +182,29 @@ def random_start(x:Tensor, # clean batch
         delta = d * as_batch(r, x) * eps_b
     xr = x + delta
     return xr if box is None else clamp_box(xr, box)
+
+# %% ../nbs/00_core.ipynb #137bba94
+@dataclass(frozen=True)
+class ThreatModel:
+    "Where an attacker may take an input: the `norm` ball of radius `eps` around it, inside the data `box`."
+    eps:float # radius, in [0,1] pixel units
+    norm:str='linf' # 'linf' or 'l2'
+    box:tuple=BOX # (low, high) bounds of the data
+
+    def __post_init__(self):
+        object.__setattr__(self, 'eps', float(check_number(self.eps, 'eps', min=0)))
+        check_choice(self.norm, NORMS, 'norm')
+        box = tuple(float(check_number(b, 'box')) for b in self.box) if isinstance(self.box, (tuple, list)) else ()
+        if len(box) != 2 or box[0] >= box[1]: raise ValueError(f"`box` must be (low, high) with low < high, got {self.box!r}")
+        object.__setattr__(self, 'box', box)
+
+    def step_size(self, relative:float, # the step as a fraction of ε, e.g. 1.2 for FAR's 1.2·ε/steps
+                  steps:int=1): # divide by this many steps
+        "An attack step that follows ε: `relative·ε/steps`."
+        return relative * self.eps / check_number(steps, 'steps', min=1, integer=True)
+
+    def project(self, x_adv:Tensor, x:Tensor): return project(x_adv, x, self.eps, self.norm, self.box)
+    def random_point(self, x:Tensor, generator=None): return random_start(x, self.eps, self.norm, self.box, generator)
 
 # %% ../nbs/00_core.ipynb #41d41c2f
 CHANNEL_REDUCTIONS = ('sum', 'mean', 'max', None)

@@ -16,9 +16,9 @@ from .metrics import topk_intersection, kendall_tau, spearman, aa_topk, aa_kenda
 from .localize import localization_metrics, LOCALIZATION_COLUMNS
 
 # %% auto #0
-__all__ = ['PROTOCOLS', 'NEVER_MOVED_WARNING', 'SUMMARY_COLUMNS', 'Protocol', 'protocol_for', 'get_protocol', 'protocol_attacks',
-           'robust_accuracy', 'first_correct', 'check_evaluation', 'warn_never_moved', 'evaluate', 'results_frame',
-           'bootstrap_ci', 'compare', 'plot_attacks', 'show_attacks']
+__all__ = ['PROTOCOLS', 'NEVER_MOVED_WARNING', 'SUMMARY_COLUMNS', 'Protocol', 'protocol_for', 'threat_model_for', 'get_protocol',
+           'protocol_attacks', 'robust_accuracy', 'first_correct', 'check_evaluation', 'warn_never_moved',
+           'warn_other_threat', 'evaluate', 'results_frame', 'bootstrap_ci', 'compare', 'plot_attacks', 'show_attacks']
 
 # %% ../nbs/09_evaluate.ipynb #0ea88b82
 @dataclass(frozen=True)
@@ -52,6 +52,9 @@ class Protocol:
         check_choice(self.reduce, ('sum', 'mean', 'max', None), 'reduce')
         check_choice(self.variant, ('full', 'quick'), 'variant')
 
+    @property
+    def threat(self): return ThreatModel(self.eps)
+
 # %% ../nbs/09_evaluate.ipynb #aeccadd1
 def _preset(name, eps, ifia_step, ifia_steps, k, pgd_steps, pgd_step, attack_k=None, **kw):
     return Protocol(name, eps, ifia_step, ifia_steps, k, attack_k or k, pgd_steps, pgd_step, **kw)
@@ -81,6 +84,16 @@ def protocol_for(data:str): # a data set name of `robust_attr.data.DATASETS`
     if name is None: raise ValueError(f"no protocol preset for {data!r}; pass a `Protocol` or one of {sorted(PROTOCOLS)}")
     return name
 
+def threat_model_for(data, # a data set name, a `Protocol`, or fastai `DataLoaders` (from `get_dls` or the user's own)
+                     eps:float|None=None): # the radius, if the caller chooses it
+    "The `ThreatModel` of `data`, from its protocol preset; `eps` overrides the radius."
+    if isinstance(data, Protocol): tm = data.threat
+    elif isinstance(data, str): tm = PROTOCOLS[protocol_for(data)].threat
+    elif getattr(data, 'info', None) is not None: tm = threat_model_for(data.info.name)
+    elif hasattr(data, 'one_batch'): tm = PROTOCOLS['cifar10' if data.one_batch()[0].shape[1] == 3 else 'fashion_mnist'].threat
+    else: raise TypeError(f"`data` must be a data set name, a Protocol or DataLoaders, got {type(data).__name__}")
+    return tm if eps is None else dataclasses.replace(tm, eps=eps)
+
 # %% ../nbs/09_evaluate.ipynb #8cfb7dcc
 def get_protocol(name:str|Protocol='fashion_mnist', # a preset name (see `PROTOCOLS`) or a `Protocol`
                  variant:str='full', # 'full' or 'quick' (same rules, smaller sizes)
@@ -96,15 +109,21 @@ def get_protocol(name:str|Protocol='fashion_mnist', # a preset name (see `PROTOC
         p = dataclasses.replace(p, variant='quick', n=200, ig_steps=min(p.ig_steps, 50), attack_ig_steps=min(p.attack_ig_steps, 10),
                                 ifia_steps=min(p.ifia_steps, 40), pgd_steps=pgd_steps,
                                 pgd_step_size=max(p.pgd_step_size, 2.5*p.eps/pgd_steps))
-    return dataclasses.replace(p, **overrides)
+    return dataclasses.replace(p, **(_steps_following_eps(p, overrides) | overrides))
+
+def _steps_following_eps(p:Protocol, overrides:dict):
+    "The step sizes of `p` scaled to a new (non-zero) ε, unless `overrides` sets them."
+    eps = overrides.get('eps', p.eps)
+    if eps == p.eps or not eps or not p.eps: return {}
+    return {f: getattr(p, f) * eps / p.eps for f in ('ifia_step_size', 'pgd_step_size') if f not in overrides}
 
 # %% ../nbs/09_evaluate.ipynb #3c2f13a0
 def protocol_attacks(p:Protocol, # the protocol
                      seed:int|None=0, # seed of the random starts
                      internal_batch_size:int|None=None): # rows per IG pass inside IFIA (None: all at once)
     "The PGD and IFIA attacks `p` prescribes."
-    pgd = PGD(p.eps, p.pgd_step_size, p.pgd_steps, random_start=True, select='best', early_stop=True, seed=seed)
-    ifia = IFIA(p.eps, p.ifia_step_size, p.ifia_steps, k=p.attack_k, ig_steps=p.ig_steps, attack_ig_steps=p.attack_ig_steps,
+    pgd = PGD(p.threat, p.pgd_step_size, p.pgd_steps, random_start=True, select='best', early_stop=True, seed=seed)
+    ifia = IFIA(p.threat, p.ifia_step_size, p.ifia_steps, k=p.attack_k, ig_steps=p.ig_steps, attack_ig_steps=p.attack_ig_steps,
                 beta=p.beta, smooth=p.smooth, restarts=p.restarts, reduce=p.reduce, seed=seed, internal_batch_size=internal_batch_size)
     return pgd, ifia
 
@@ -149,7 +168,7 @@ def check_evaluation(model:nn.Module, x:Tensor, y, # the classifier and the eval
     check_k(p.k, pixels, 'k'); check_k(p.attack_k, pixels, 'attack_k')
     return y
 
-# %% ../nbs/09_evaluate.ipynb #57ace308
+# %% ../nbs/09_evaluate.ipynb #4be2fd68
 NEVER_MOVED_WARNING = 0.05  # share of never-moved samples above which `evaluate` warns
 
 def warn_never_moved(res:dict, # a result of `evaluate`
@@ -162,6 +181,17 @@ def warn_never_moved(res:dict, # a result of `evaluate`
                       "the attack reached changed the prediction or did not lower Kendall's tau; try restarts=3, a smaller "
                       "ifia_step_size, or check that ε suits the data.", UserWarning, stacklevel=2)
     return share
+
+def warn_other_threat(model:nn.Module, # a model; one from `load_model` carries its checkpoint's `meta`
+                      p:Protocol): # the protocol it is about to be evaluated under
+    "Warn when a checkpoint is evaluated on another data set or at another ε than it was trained for."
+    meta = getattr(model, 'meta', None) or {}
+    data, eps = meta.get('data'), (meta.get('threat') or {}).get('eps')
+    if data and p.name in PROTOCOLS and data in PROTOCOLS and data != p.name:
+        warnings.warn(f"this model was trained on {data!r} but is evaluated with the {p.name!r} protocol: check the data "
+                      "(a model evaluated on data it never saw measures nothing)", UserWarning, stacklevel=3)
+    elif eps is not None and abs(eps - p.eps) > 1e-12:
+        warnings.warn(f"this model was trained against ε = {eps:g} but is evaluated at ε = {p.eps:g}", UserWarning, stacklevel=3)
 
 # %% ../nbs/09_evaluate.ipynb #e442639b
 def evaluate(model:nn.Module, # the classifier, taking [0,1] inputs
@@ -184,6 +214,7 @@ def evaluate(model:nn.Module, # the classifier, taking [0,1] inputs
     p = get_protocol(protocol, variant, **({} if n is None else dict(n=n)), **overrides)
     model = unwrap_model(model)
     y = check_evaluation(model, x, y, p)
+    warn_other_threat(model, p)
     pgd, ifia = protocol_attacks(p, seed, internal_batch_size)
     res = dict(model=type(model).__name__, NA=(_predict(model, x, bs) == y).float().mean().item())
     if aa: res['AA'] = robust_accuracy(model, x[:aa_n], y[:aa_n], pgd, bs, progress).float().mean().item()
@@ -268,14 +299,14 @@ def plot_attacks(x, x_adv, # clean and attacked images, `(n, C, H, W)`
 
 # %% ../nbs/09_evaluate.ipynb #c9e37f69
 def show_attacks(model, x, y, x_adv, # model, clean batch, labels, attacked batch
-                 attack:IFIA|None=None, # supplies `measure_map` (default: IG with 50 points)
+                 attack:IFIA|None=None, # supplies `measure_map` (default: the exact model's IG with 50 points)
                  k:int=100, # top-k for the IN shown in the titles
                  n:int=4, # how many samples to show
                  cmap:str='inferno'): # colormap of the maps
     "Plot clean/attacked images and their maps for the first `n` samples; returns the figure."
-    attack = attack or IFIA(0.1, 0.01, 1, ig_steps=50)
+    measure = (attack or IFIA(0., 1., 0, ig_steps=50)).measure_map  # only its measured map is used
     n = min(n, len(x))
-    clean, adv = attack.measure_map(model, x[:n], y[:n]), attack.measure_map(model, x_adv[:n], y[:n])
+    clean, adv = measure(model, x[:n], y[:n]), measure(model, x_adv[:n], y[:n])
     k = min(k, clean[0].numel())
     with torch.no_grad(), eval_mode(model): pc, pa = model(x[:n]).argmax(1), model(x_adv[:n]).argmax(1)
     fig, _ = plot_attacks(x[:n], x_adv[:n], clean, adv, pc, pa, topk_intersection(clean, adv, k), kendall_tau(clean, adv), cmap=cmap)

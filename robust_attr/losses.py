@@ -9,11 +9,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from .core import *
 from .metrics import pearson, cosine, flatten_maps
+from .attribution import ATTRIBUTIONS, class_gradients
 
 # %% auto #0
 __all__ = ['DISSIMILARITIES', 'pcc_loss', 'l1_distance', 'l2_distance', 'cosine_distance', 'topk_mass', 'center_of_mass',
            'mass_center_shift', 'targeted_mse', 'art_negative_class', 'spatial_alignment', 'alignment_loss',
-           'art_triplet_loss', 'saliency_match_loss', 'get_dissimilarity']
+           'art_triplet_loss', 'spatial_alignment_map', 'soft_margin', 'kl_divergence', 'saliency_match_loss',
+           'get_dissimilarity']
 
 # %% ../nbs/04_losses.ipynb #84cdea92
 def pcc_loss(a:Tensor, b:Tensor): # batches of maps `(B, ...)`, same shape
@@ -131,6 +133,25 @@ def art_triplet_loss(grad_true:Tensor, # input gradients of the true class `g^y`
     "ART's soft-margin triplet loss on cosine distances per sample (ART eq. 5), `(B,)`: `alignment_loss` with target 0."
     return alignment_loss(grad_true, grad_neg, x, 0., channel_reduce)
 
+# %% ../nbs/04_losses.ipynb #af985f5b
+def spatial_alignment_map(model, x:Tensor, target, # classifier, batch and true classes
+                          create_graph:bool=False, # keep the graph (training and attacking need it)
+                          channel_reduce:str|None=None): # None, or 'mean' (ART on CUB)
+    "FAR eq. 9's S: `cos(g^y, x) − cos(g^{i*}, x)` per sample, i* the most likely other class."
+    classes = lambda logits: [target, art_negative_class(logits, target)]  # i* from the same forward as the gradients
+    (g_y, g_neg), _ = class_gradients(model, x, classes, create_graph=create_graph)
+    return spatial_alignment(g_y, g_neg, x, channel_reduce=channel_reduce)
+
+def soft_margin(s:Tensor, s_target:Tensor): # maps `(B, ...)` and their targets
+    "FAR eq. 9's d_s: `log(1 + exp(−Σ(S − S^T)))` per sample."
+    return F.softplus(-(s - s_target).reshape(len(s), -1).sum(1))
+
+def kl_divergence(log_p_adv:Tensor, log_p_clean:Tensor): # log-probabilities `(B, n_classes)`
+    "`KL(p_clean ‖ p_adv)` per sample, from log-probabilities (TRADES' d_s)."
+    return (log_p_clean.exp() * (log_p_clean - log_p_adv)).sum(1)
+
+ATTRIBUTIONS['spatial_alignment'] = spatial_alignment_map
+
 # %% ../nbs/04_losses.ipynb #3480694e
 def saliency_match_loss(student_map:Tensor, # the student's saliency maps `J_S`, `(B, ...)`
                         teacher_map:Tensor): # the teacher's saliency maps `J_T` (detached), same shape
@@ -141,7 +162,7 @@ def saliency_match_loss(student_map:Tensor, # the student's saliency maps `J_S`,
 # %% ../nbs/04_losses.ipynb #d8f4a2a9
 DISSIMILARITIES = dict(pcc=pcc_loss, l1=l1_distance, l2=l2_distance, cosine=cosine_distance,
                        mass_center=mass_center_shift, targeted_mse=targeted_mse,
-                       saliency_match=saliency_match_loss)
+                       saliency_match=saliency_match_loss, soft_margin=soft_margin, kl=kl_divergence)
 
 def get_dissimilarity(name_or_callable): # a key of `DISSIMILARITIES`, or a function `d(a, b) -> (B,)`
     "The dissimilarity function for `name_or_callable`."

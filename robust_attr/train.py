@@ -4,208 +4,188 @@
 
 # %% ../nbs/08_train.ipynb #ea98ab36
 from __future__ import annotations
-import inspect, time, warnings
-from contextlib import nullcontext
-from dataclasses import dataclass, astuple
-from functools import partial
+import inspect, math, warnings
 from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from fastcore.basics import store_attr, patch, listify
+from fastcore.basics import store_attr, listify
 from fastcore.foundation import L
-from fastcore.meta import delegates
 from fastai.callback.core import Callback
-from fastai.learner import Learner
+from fastai.learner import Learner, Recorder
 import fastai.callback.progress # registers the progress bar and `Learner.no_bar`
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import Adam
 from .core import *
-from .smooth import softplus_surrogate
-from .attribution import get_attribution, integrated_gradients, layer_integrated_gradients, attribution_map
-from .losses import get_dissimilarity, alignment_loss, saliency_match_loss, art_negative_class
-from .attacks import Attack, PGD, IFIA, AdvIFIA, ARTAttack, class_gradients, unwrap_model
+from .smooth import SURROGATE_MODES, check_beta
+from .attribution import MapSpec, split_map_options, get_attribution, layer_integrated_gradients
+from .losses import get_dissimilarity, saliency_match_loss
+from .attacks import Attack, PGD, IFIA, AdvIFIA, ARTAttack, unwrap_model
 from .models import get_model, load_model
+from .evaluate import threat_model_for
 
 # %% auto #0
-__all__ = ['FAR_OBJECTIVES', 'METHODS', 'PREDICTION', 'LOSS_STEP', 'training_map', 'FARCallback', 'AdvTrainCallback',
-           'layer_attribution', 'IGNormCallback', 'IGSumNormCallback', 'log_probs', 'kl_divergence', 'TRADESCallback',
-           'spatial_alignment_map', 'soft_margin', 'ARTCallback', 'AATCallback', 'AdvAATCallback',
-           'SaliencyMatchCallback', 'method_callback', 'robust_learner', 'Passes', 'grad_map', 'step_passes',
-           'add_passes', 'total_passes', 'CountPasses', 'unit_costs', 'relative_units', 'step_cost', 'pass_bound']
+__all__ = ['FAR_OBJECTIVES', 'METHODS', 'FARCallback', 'AdvTrainCallback', 'layer_attribution', 'IGNormCallback',
+           'IGSumNormCallback', 'TRADESCallback', 'ARTCallback', 'AATCallback', 'AdvAATCallback',
+           'SaliencyMatchCallback', 'method_callback', 'robust_learner']
 
 # %% ../nbs/08_train.ipynb #474b6665
 class _TermRecorder(Callback):
-    "Average named loss terms over each training epoch and show them as recorder columns."
-    order, run_valid, terms = 55, False, ()
+    "Average named loss terms over each training epoch into `epoch_terms`; show them as `Recorder` columns if there is one."
+    order, run_valid, terms = Recorder.order + 5, False, ()
     def before_fit(self):
-        rec, self._logging = getattr(self.learn, 'recorder', None), False
+        self._columns, self.epoch_terms, rec = [], {}, getattr(self.learn, 'recorder', None)
         if rec is None or not hasattr(rec, 'metric_names'): return
         self._columns = [t for t in self.terms if t not in rec.metric_names]
         i = len(rec.metric_names) - (1 if rec.add_time else 0)
         rec.metric_names = L(list(rec.metric_names[:i]) + self._columns + list(rec.metric_names[i:]))
-        self._logging = True
     def before_train(self): self._sums, self._count = {}, 0
     def _accumulate(self, **terms):
         "Add this batch's value of each term (weighted by batch size)."
         bs = len(self.learn.yb[0])
         for k,v in terms.items(): self._sums[k] = self._sums.get(k, 0.) + float(v) * bs
         self._count += bs
+    def after_train(self): self.epoch_terms = {k: v / max(self._count, 1) for k,v in self._sums.items()}
     def after_validate(self):
-        if getattr(self, '_logging', False) and hasattr(self, '_sums'):
-            self.learn.recorder.log += [self._sums.get(c, float('nan')) / max(self._count, 1) for c in self._columns]
-    def after_fit(self): self._logging = False
-
-# %% ../nbs/08_train.ipynb #26b23ea3
-def _process(a, reduce, abs):
-    return a if (reduce is None and not abs) else attribution_map(a, reduce=reduce, abs=abs, normalize=False)
-
-def training_map(model, x, y, attribution, reduce='sum', abs=True, smooth=None, baseline=None, create_graph=True, **kwargs):
-    "The map of `attribution` at `x` for the labels `y`, processed for `d_s`, optionally on a smoothed model."
-    fn = get_attribution(attribution)
-    if baseline is not None: kwargs['baseline'] = baseline
-    if smooth is None: return _process(fn(model, x, y, create_graph=create_graph, **kwargs), reduce, abs)
-    mode, beta = smooth
-    with softplus_surrogate(model, beta, mode):
-        return _process(fn(model, x, y, create_graph=create_graph, **kwargs), reduce, abs)
+        if self._columns and hasattr(self.learn, 'recorder'):
+            self.learn.recorder.log += [self.epoch_terms.get(c, float('nan')) for c in self._columns]
+    def after_fit(self): self._columns = []
 
 # %% ../nbs/08_train.ipynb #e15155b3
 FAR_OBJECTIVES = ('regularizer', 'robust')
-
-def _ig_like(fn): return fn is integrated_gradients or getattr(fn, 'ig_options', False)
 
 class FARCallback(_TermRecorder):
     "FAR eq. 5 ('regularizer') or eq. 6 ('robust'): add λ·d_s[S(x̃), S^T(x)] with x̃ from `attack`."
     def __init__(self, attribution='ig', # S: an attribution name or callable `(model, x, target, create_graph)`
                  dissimilarity='pcc', # d_s: a dissimilarity name or callable `(a, b) -> (B,)`
-                 attack:Attack|None=None, # inner maximizer producing x̃ (None: x̃ = x)
+                 attack:Attack|None=None, # inner maximizer producing x̃ (None: x̃ = x, unless a preset builds one)
                  objective:str='regularizer', # 'regularizer' (FAR eq. 5) or 'robust' (FAR eq. 6)
-                 lam:float=1.0, # λ, the weight of the attribution term
+                 lam:float=1.0, # λ, the weight of the method's extra term
                  target='clean', # S^T: 'clean' (the map of x), 'zero', or a callable `(model, x, y) -> map`
                  adv_ratio:float=1.0, # 'robust': fraction of each batch replaced by attacked inputs
-                 ig_steps:int=50, # IG points of the training maps (RAR's m in the gradient step)
-                 of:str='logit', # IG of the 'logit', 'prob' or 'loss'
-                 baseline=None, # IG baseline: None (zeros) or 'clean' (RAR's path from x to x̃)
-                 smooth=None, # surrogate of the training maps: None or (mode, β), e.g. ('softplus', 50.)
-                 reduce='sum', # channel reduction before d_s (None keeps the channels)
-                 abs:bool=True, # compare |S| (per-pixel importance) instead of signed maps
                  detach_target:bool=False, # treat S^T(x) as a constant instead of differentiating through it
-                 term:str='far'): # prefix of the recorded regularizer column `{term}_reg`
+                 term:str='far', # prefix of the recorded regularizer column `{term}_reg`
+                 eps:float|None=None, # radius of a preset's attack (None: the data set's, at `before_fit`)
+                 spec:MapSpec|None=None, # S whole (then `attribution` is its; map options given too refine it)
+                 **map_options): # `MapSpec` fields of S: `ig_steps` (RAR's m, default 50), `of`, `baseline`, `reduce`, `abs`, `smooth`, `beta`, ...
         self.objective = check_choice(objective, FAR_OBJECTIVES, 'objective')
         self.lam = check_number(lam, 'lam', min=0)
         self.adv_ratio = check_number(adv_ratio, 'adv_ratio', min=0)
         if self.adv_ratio > 1: raise ValueError(f"`adv_ratio` must be <= 1, got {adv_ratio}")
         if not (target in ('clean', 'zero') or callable(target)):
             raise ValueError(f"`target` must be 'clean', 'zero' or a callable, got {target!r}")
-        if smooth is not None: check_choice(smooth[0], ('softplus', 'second_order'), 'smooth mode')
-        self._attr, self._d = get_attribution(attribution), get_dissimilarity(dissimilarity)
-        store_attr('attribution,dissimilarity,attack,target,ig_steps,of,baseline,smooth,reduce,abs,detach_target,term')
+        unknown = set(map_options) - set(split_map_options(map_options)[0])
+        if unknown: raise TypeError(f"{type(self).__name__} got unknown settings {sorted(unknown)}")
+        self.spec = MapSpec(attribution, **map_options) if spec is None else spec.replace(**map_options)  # options refine a preset's spec
+        self._d = get_dissimilarity(dissimilarity)
+        store_attr('dissimilarity,attack,target,detach_target,term')
+        self.threat = None if eps is None else ThreatModel(eps)
+        if self.attack is None and self.threat is not None: self.attack = self.make_attack(self.threat)
 
-# %% ../nbs/08_train.ipynb #016f1ba8
-@patch
-def map_of(self:FARCallback, model, x, y, x_clean=None, create_graph=True):
-    "S at `x`, processed for `d_s` (IG options apply when S is Integrated Gradients)."
-    kw = {}
-    if _ig_like(self._attr):
-        kw = dict(steps=self.ig_steps, of=self.of)
-        if self.baseline=='clean': kw['baseline'] = x_clean
-        elif self.baseline is not None: kw['baseline'] = self.baseline
-    return training_map(model, x, y, self._attr, self.reduce, self.abs, self.smooth, create_graph=create_graph, **kw)
+    def make_attack(self, threat:ThreatModel): return None  # a preset's inner maximizer for `threat`
 
-@patch
-def target_map(self:FARCallback, model, x, y):
-    "S^T(x): the clean map (with or without its graph), zero, or a user-given map."
-    if callable(self.target): return self.target(model, x, y)
-    if self.target=='zero': return None
-    return self.map_of(model, x, y, x_clean=x, create_graph=not self.detach_target)
+    def map_of(self, model, x, y, x_clean=None, create_graph=True):
+        "S at `x`, in the form `d_s` compares (`x_clean` for maps along the path from the clean input)."
+        return self.spec(model, x, y, create_graph=create_graph, x_clean=x_clean)
 
-# %% ../nbs/08_train.ipynb #aa4294ef
-@patch
-def _shares_target(self:FARCallback):
-    "Can the attack reuse the clean training map as its target map?"
-    a = self.attack
-    return (isinstance(a, IFIA) and a.objective!='topk' and a.target=='clean' and self.target=='clean' and self.smooth is None
-            and a.smooth=='second_order' and a.attribution==self.attribution and a.reduce==self.reduce and a.abs==self.abs
-            and (not _ig_like(self._attr) or (a.attack_ig_steps==self.ig_steps and a.of==self.of
-                                                          and a.baseline==self.baseline and a.ig_method=='riemann_right')))
+    def target_map(self, model, x, y):
+        "S^T(x): the clean map (with or without its graph), zero (None), or a user-given map."
+        if callable(self.target): return self.target(model, x, y)
+        if self.target=='zero': return None
+        return self.map_of(model, x, y, x_clean=x, create_graph=not self.detach_target)
 
-@patch
-def _target_from_pred(self:FARCallback):
-    "Is S^T(x) a function of the logits fastai computes on the clean batch (S = the model's output, eq. 5)?"
-    return self.target=='clean' and self.objective=='regularizer' and hasattr(self._attr, 'from_logits')
+    def _shares_target(self):
+        "Can the attack reuse the clean training map as its target map? (Its map is the training map.)"
+        a = self.attack
+        return (isinstance(a, IFIA) and a.objective!='topk' and a.target=='clean' and self.target=='clean'
+                and a.spec.first_order() == self.spec.first_order())
 
-@patch
-def before_batch(self:FARCallback):
-    if not self.training: return
-    x, y = self.xb[0], self.yb[0]
-    self._module = unwrap_model(self.learn.model)
-    n_adv = round(self.adv_ratio * len(x)) if self.objective=='robust' else len(x)
-    self._x, self._y = x[:n_adv], y[:n_adv]
-    with torch.autocast(x.device.type, enabled=False):  # maps in full precision, like S(x̃) in `after_loss` (see below)
-        needs_target = self.lam and n_adv and not self._target_from_pred()
-        self._target = self.target_map(self._module, self._x, self._y) if needs_target else None
-        if self.attack is None or n_adv==0 or not (self.lam or self.objective=='robust'): self._x_adv = self._x; return  # λ = 0 in eq. 5: x̃ unused
-        ctx = {'target_map': self._target.detach()} if (self._target is not None and self._shares_target()) else {}
-        self._x_adv = self.attack(self._module, self._x, self._y, **ctx).detach()
-    if self.objective=='robust': self.learn.xb = (torch.cat([self._x_adv, x[n_adv:]]),) + tuple(self.xb[1:])
+    def _target_from_pred(self):
+        "Is S^T(x) a function of the logits fastai computes on the clean batch (S = the model's output, eq. 5)?"
+        return self.target=='clean' and self.objective=='regularizer' and hasattr(get_attribution(self.spec.attribution), 'from_logits')
 
-# %% ../nbs/08_train.ipynb #041c55ec
-@patch
-def _training_target(self:FARCallback, s_adv):
-    "S^T(x) for the attribution term: from fastai's clean logits, the precomputed map, or zeros."
-    if self._target_from_pred():
-        t = self._attr.from_logits(check_logits(self.learn.pred, len(s_adv)))
-        return t.detach() if self.detach_target else t
-    return torch.zeros_like(s_adv) if self._target is None else self._target
+    def before_fit(self):
+        self.terms = ('ce',) + ((f'{self.term}_reg',) if self.lam else ())  # λ = 0 (Madry): no regularizer column
+        super().before_fit()
+        if self.attack is None:
+            self.threat = threat_model_for(self.learn.dls)
+            self.attack = self.make_attack(self.threat)
+        self._warn_unsmoothed()
 
-@patch
-def after_loss(self:FARCallback):
-    if not self.training: return
-    terms = {} if 'ce' not in self._columns else {'ce': self.learn.loss_grad.detach()}
-    if self.lam and len(self._x_adv):
-        s_adv = self.map_of(self._module, self._x_adv, self._y, x_clean=self._x)
-        reg = self._d(s_adv, self._training_target(s_adv)).mean()
-        self.learn.loss_grad = self.learn.loss_grad + self.lam * reg
-        self.learn.loss = self.learn.loss_grad.detach().clone()
-        terms[f'{self.term}_reg'] = reg.detach()
-    self._accumulate(**terms)
+    def _warn_unsmoothed(self):
+        a = self.attack
+        smoothed = self.spec.smooth is not None or isinstance(a, ARTAttack) or (isinstance(a, IFIA) and a.spec.smooth is not None)
+        if smoothed and not any(isinstance(m, nn.ReLU) for m in unwrap_model(self.learn.model).modules()):
+            warnings.warn(f"{type(self).__name__}: {type(unwrap_model(self.learn.model)).__name__} has no nn.ReLU modules, so "
+                          "the softplus surrogate cannot replace them and the attack's second derivatives may vanish; "
+                          "use nn.ReLU modules (not F.relu) in the model")
 
-@patch
-def after_batch(self:FARCallback): self._x = self._y = self._x_adv = self._target = None
+    def before_batch(self):
+        if not self.training: return
+        x, y = self.xb[0], self.yb[0]
+        self._module = unwrap_model(self.learn.model)
+        n_adv = round(self.adv_ratio * len(x)) if self.objective=='robust' else len(x)
+        self._x, self._y = x[:n_adv], y[:n_adv]
+        with torch.autocast(x.device.type, enabled=False):  # maps in full precision, like S(x̃) in `after_loss`
+            needs_target = self.lam and n_adv and not self._target_from_pred()
+            self._target = self.target_map(self._module, self._x, self._y) if needs_target else None
+            if self.attack is None or n_adv==0 or not (self.lam or self.objective=='robust'): self._x_adv = self._x; return  # λ = 0 in eq. 5: x̃ unused
+            ctx = {'target_map': self._target.detach()} if (self._target is not None and self._shares_target()) else {}
+            self._x_adv = self.attack(self._module, self._x, self._y, **ctx).detach()
+        if self.objective=='robust': self.learn.xb = (torch.cat([self._x_adv, x[n_adv:]]),) + tuple(self.xb[1:])
 
-@patch
-def before_fit(self:FARCallback):
-    self.terms = ('ce',) + ((f'{self.term}_reg',) if self.lam else ())  # λ = 0 (Madry): no regularizer column
-    _TermRecorder.before_fit(self)
-    a = self.attack
-    smoothed = self.smooth is not None or isinstance(a, ARTAttack) or (isinstance(a, IFIA) and a.smooth is not None)
-    if smoothed and not any(isinstance(m, nn.ReLU) for m in unwrap_model(self.learn.model).modules()):
-        warnings.warn(f"{type(self).__name__}: {type(unwrap_model(self.learn.model)).__name__} has no nn.ReLU modules, so "
-                      "the softplus surrogate cannot replace them and the attack's second derivatives may vanish; "
-                      "use nn.ReLU modules (not F.relu) in the model")
+    def _training_target(self, s_adv):
+        "S^T(x) for the attribution term: from fastai's clean logits, the precomputed map, or zeros."
+        if self._target_from_pred():
+            t = get_attribution(self.spec.attribution).from_logits(check_logits(self.learn.pred, len(s_adv)))
+            return t.detach() if self.detach_target else t
+        return torch.zeros_like(s_adv) if self._target is None else self._target
 
-@patch
-def after_fit(self:FARCallback):
-    self.after_batch(); self._module = None
-    _TermRecorder.after_fit(self)
+    def after_loss(self):
+        if not self.training: return
+        terms = {'ce': self.learn.loss_grad.detach()}
+        if self.lam and len(self._x_adv):
+            s_adv = self.map_of(self._module, self._x_adv, self._y, x_clean=self._x)
+            reg = self._d(s_adv, self._training_target(s_adv)).mean()
+            self.learn.loss_grad = self.learn.loss_grad + self.lam * reg
+            self.learn.loss = self.learn.loss_grad.detach().clone()
+            terms[f'{self.term}_reg'] = reg.detach()
+        self._accumulate(**terms)
 
-@patch
-def after_cancel_fit(self:FARCallback): self.after_fit()
+    def after_batch(self): self._x = self._y = self._x_adv = self._target = None
+    def after_fit(self):
+        self.after_batch(); self._module = None
+        super().after_fit()
+    def after_cancel_fit(self): self.after_fit()
+
+    def settings(self):
+        "The preset's settings (its `__init__` arguments with plain values), e.g. for a checkpoint's metadata."
+        names = {k for c in type(self).__mro__ if issubclass(c, FARCallback) for k in inspect.signature(c.__init__).parameters} - {'self', 'kwargs', 'map_options'}
+        plain = lambda v: v is None or isinstance(v, (bool, int, float, str))
+        out = {k: getattr(self, k) for k in names if hasattr(self, k) and plain(getattr(self, k))}
+        return out | {f: v for f,v in vars(self.spec).items() if plain(v) and f != 'internal_batch_size'} | {'eps': None if self.threat is None else self.threat.eps}
 
 # %% ../nbs/08_train.ipynb #8a2aa9c1
 class AdvTrainCallback(FARCallback):
     "Madry et al.'s adversarial training (FAR eq. 7): the robust objective with λ = 0 and a PGD attack."
-    def __init__(self, eps:float=0.1, # L∞ radius
-                 step_size:float=0.01, # PGD step
+    def __init__(self, eps:float|None=None, # L∞ radius (None: the data set's)
+                 step_size:float|None=None, # PGD step (default 0.1·ε: 0.01 at Fashion-MNIST's ε = 0.1)
                  steps:int=20, # PGD steps
                  adv_ratio:float=1.0, # fraction of the batch replaced by PGD examples (FAR Table 3: 0.7)
                  attack:Attack|None=None, # a custom attack instead of PGD
                  seed:int|None=None, # seed of PGD's random starts
+                 lam:float=0., # Madry's objective has no extra term: λ = 0 (FAR eq. 7)
                  **kwargs):
-        attack = attack or PGD(eps, step_size, steps, random_start=True, select='last', seed=seed)
-        super().__init__(attack=attack, objective='robust', lam=0., adv_ratio=adv_ratio, term='adv', **kwargs)
+        if check_number(lam, 'lam', min=0) != 0:
+            raise ValueError(f"`lam` must be 0 for Madry's adversarial training (it has no extra term), got {lam}; "
+                             "'ig_sum_norm' and 'adv_aat' add a weighted attribution term to the same objective")
+        store_attr('step_size,steps,seed')
+        super().__init__(attack=attack, objective='robust', lam=0., adv_ratio=adv_ratio, term='adv', eps=eps, **kwargs)
+
+    def make_attack(self, threat):
+        return PGD(threat, self.step_size or threat.step_size(0.1), self.steps, random_start=True, select='last', seed=self.seed)
 
 # %% ../nbs/08_train.ipynb #3dbac875
 def layer_attribution(layer:nn.Module|None): # the layer h, or None for the input
@@ -217,121 +197,106 @@ def layer_attribution(layer:nn.Module|None): # the layer h, or None for the inpu
     return layer_ig
 
 # %% ../nbs/08_train.ipynb #d5a173cb
-def _ig_norm_attack(eps, step_size, steps, attack_m, ce_weight, lam, gamma, layer, **kw):
-    return AdvIFIA(eps, step_size, steps, lam=lam, ce_weight=ce_weight, objective='l1', target='zero', of='loss',
-                   baseline='clean', attribution=layer_attribution(layer), attack_ig_steps=attack_m, random_start=True,
-                   gamma=gamma, reduce=None if layer is not None else 'sum', **kw)
-
 class IGNormCallback(FARCallback):
     "RAR's IG-NORM: CE(x) + λ·max ‖IG^{ℓ_y}(x, x̃)‖₁ (FAR eq. 8)."
     def __init__(self, lam:float=1.0, # λ (RAR: 1 on MNIST)
-                 eps:float=0.1, step_size:float=0.01, steps:int=20, # the PGD adversary
+                 eps:float|None=None, # radius of the PGD adversary (None: the data set's)
+                 step_size:float|None=None, steps:int=20, # the adversary's step (default 0.1·ε) and steps
                  attack_m:int=10, # IG points in the attack step
                  grad_m:int=50, # IG points in the gradient step
                  layer:nn.Module|None=None, # attribute at this intermediate layer instead of the input
                  gamma:float|None=None, # distributional variant (RAR eq. 7): penalty γ‖x̃−x‖²₂
                  beta:float=1.0, smooth:str='softplus', # surrogate of the attack's second derivatives
                  seed:int|None=None, # seed of the adversary's random starts
+                 objective:str='regularizer', # IG-NORM's; IG-SUM-NORM is the same parts with 'robust'
+                 term:str='ig_norm', # prefix of the recorded term
                  **kwargs):
-        attack = _ig_norm_attack(eps, step_size, steps, attack_m, 0., 1., gamma, layer, beta=beta, smooth=smooth, seed=seed)
-        super().__init__(attribution=layer_attribution(layer), reduce=None if layer is not None else 'sum', dissimilarity='l1', attack=attack, objective='regularizer', lam=lam,
-                         target='zero', ig_steps=grad_m, of='loss', baseline='clean', term='ig_norm', **kwargs)
+        check_choice(smooth, SURROGATE_MODES, 'smooth'); check_beta(beta)   # the attack's surrogate, checked before any fit
+        store_attr('step_size,steps,attack_m,grad_m,layer,gamma,beta,smooth,seed')
+        spec = MapSpec(layer_attribution(layer), grad_m, of='loss', baseline='clean', reduce=None if layer is not None else 'sum')
+        super().__init__(spec=spec, dissimilarity='l1', objective=objective, lam=lam, target='zero', term=term, eps=eps, **kwargs)
 
-class IGSumNormCallback(FARCallback):
-    "RAR's IG-SUM-NORM: max ℓ(x̃) + β‖IG^{ℓ_y}(x, x̃)‖₁ (the robust objective)."
-    def __init__(self, beta:float=0.1, # RAR's β, the weight of the IG norm (0.1 on MNIST)
-                 eps:float=0.1, step_size:float=0.01, steps:int=20, # the PGD adversary
-                 attack_m:int=10, grad_m:int=50, # IG points in the attack and gradient steps
-                 layer:nn.Module|None=None, gamma:float|None=None, # see `IGNormCallback`
-                 softplus_beta:float=1.0, smooth:str='softplus', # surrogate of the attack's second derivatives
-                 seed:int|None=None, # seed of the adversary's random starts
-                 **kwargs):
-        beta = check_number(beta, 'beta', min=0)
-        attack = _ig_norm_attack(eps, step_size, steps, attack_m, 1., beta, gamma, layer, beta=softplus_beta, smooth=smooth, seed=seed)
-        super().__init__(attribution=layer_attribution(layer), reduce=None if layer is not None else 'sum', dissimilarity='l1', attack=attack, objective='robust', lam=beta,
-                         target='zero', ig_steps=grad_m, of='loss', baseline='clean', term='ig_sum_norm', **kwargs)
+    def make_attack(self, threat):
+        ce_weight, lam = (0., 1.) if self.objective=='regularizer' else (1., self.lam)  # IG-SUM-NORM's adversary ascends its whole loss
+        return AdvIFIA(threat, self.step_size or threat.step_size(0.1), self.steps, lam=lam, ce_weight=ce_weight, objective='l1',
+                       target='zero', spec=self.spec.replace(ig_steps=self.attack_m, smooth=self.smooth, beta=self.beta),
+                       random_start=True, gamma=self.gamma, seed=self.seed)
+
+class IGSumNormCallback(IGNormCallback):
+    "RAR's IG-SUM-NORM: max ℓ(x̃) + λ‖IG^{ℓ_y}(x, x̃)‖₁ (the robust objective; λ is RAR's β)."
+    def __init__(self, lam:float=0.1, # λ, RAR's β: the weight of the IG norm (0.1 on MNIST)
+                 **kwargs): # `IGNormCallback`'s settings
+        super().__init__(lam=lam, objective='robust', term='ig_sum_norm', **kwargs)
 
 # %% ../nbs/08_train.ipynb #fde5a488
-def log_probs(model, x, target, create_graph:bool=False):
-    "The model's log-probabilities as an 'attribution' (S of TRADES in FAR's terms)."
-    out = F.log_softmax(check_logits(model(x), len(x)), 1)
-    return out if create_graph else out.detach()
-log_probs.from_logits = partial(F.log_softmax, dim=1)  # S computed from logits the caller already has
-
-def kl_divergence(log_p_adv:Tensor, log_p_clean:Tensor):
-    "KL(p_clean ‖ p_adv) per sample, from log-probabilities (TRADES' d_s)."
-    return (log_p_clean.exp() * (log_p_clean - log_p_adv)).sum(1)
-
 class TRADESCallback(FARCallback):
-    "Zhang et al.'s TRADES as a FAR regularizer: CE(x) + β·max KL(f(x) ‖ f(x̃))."
-    def __init__(self, beta:float=6.0, # weight of the KL term (TRADES: 6)
-                 eps:float=0.1, step_size:float=0.01, steps:int=10, # the adversary
+    "Zhang et al.'s TRADES as a FAR regularizer: CE(x) + λ·max KL(f(x) ‖ f(x̃)) (λ is TRADES' β)."
+    def __init__(self, lam:float=6.0, # λ, TRADES' β: the weight of the KL term (TRADES: 6)
+                 eps:float|None=None, # the adversary's radius (None: the data set's)
+                 step_size:float|None=None, steps:int=10, # the adversary's step (default 0.1·ε) and steps
                  seed:int|None=None, # seed of the adversary's random starts
                  **kwargs):
-        beta = check_number(beta, 'beta', min=0)
-        attack = AdvIFIA(eps, step_size, steps, lam=1., ce_weight=0., objective=kl_divergence, attribution=log_probs,
-                         smooth=None, reduce=None, abs=False, random_start=True, seed=seed)
-        super().__init__(attribution=log_probs, dissimilarity=kl_divergence, attack=attack, objective='regularizer',
-                         lam=beta, reduce=None, abs=False, term='trades', **kwargs)
+        store_attr('step_size,steps,seed')
+        super().__init__(spec=MapSpec('log_probs', reduce=None, abs=False), dissimilarity='kl', objective='regularizer',
+                         lam=lam, term='trades', eps=eps, **kwargs)
+
+    def make_attack(self, threat):
+        return AdvIFIA(threat, self.step_size or threat.step_size(0.1), self.steps, lam=1., ce_weight=0., objective='kl',
+                       spec=self.spec, random_start=True, seed=self.seed)
 
 # %% ../nbs/08_train.ipynb #b7829e94
-def spatial_alignment_map(model, x, target, create_graph:bool=False, channel_reduce=None):
-    "FAR eq. 9's S: cos(g^y, x) − cos(g^{i*}, x) per sample, i* the most likely other class."
-    from robust_attr.losses import spatial_alignment
-    classes = lambda logits: [target, art_negative_class(logits, target)]  # i* from the same forward as the gradients
-    (g_y, g_neg), _ = class_gradients(model, x, classes, create_graph=create_graph)
-    return spatial_alignment(g_y, g_neg, x, channel_reduce=channel_reduce)
-
-def soft_margin(s:Tensor, s_target:Tensor):
-    "FAR eq. 9's d_s: log(1 + exp(−Σ(S − S^T))) per sample."
-    return F.softplus(-(s - s_target).reshape(len(s), -1).sum(1))
-
 class ARTCallback(FARCallback):
     "Singh et al.'s ART (Alg. 1): CE(x̃) + λ·L_attr(x̃), x̃ from ART's attack, gradients on softplus(β)."
     def __init__(self, lam:float=0.5, # λ (ART: 0.5)
-                 eps:float=8/255, step_size:float=1.5/255, steps:int=3, # ART's attack: ε, α, a
+                 eps:float|None=None, # ART's attack radius (None: the data set's; ART: 8/255)
+                 step_size:float|None=None, steps:int=3, # ART's α (default ε·1.5/8: 1.5/255 at 8/255) and a
                  beta:float=50., # softplus β (ART: 50)
                  seed:int|None=None, # seed of the random starts
                  **kwargs):
-        attack = ARTAttack(eps, step_size, steps, beta=beta, seed=seed)
-        super().__init__(attribution=spatial_alignment_map, dissimilarity=soft_margin, attack=attack, objective='robust',
-                         lam=lam, target='zero', smooth=('softplus', beta), reduce=None, abs=False, term='art', **kwargs)
+        store_attr('step_size,steps,beta,seed')
+        spec = MapSpec('spatial_alignment', smooth='softplus', beta=beta, reduce=None, abs=False)
+        super().__init__(spec=spec, dissimilarity='soft_margin', objective='robust', lam=lam, target='zero', term='art',
+                         eps=eps, **kwargs)
+
+    def make_attack(self, threat):
+        return ARTAttack(threat, self.step_size or threat.step_size(1.5/8), self.steps, beta=self.beta, seed=self.seed)
 
 # %% ../nbs/08_train.ipynb #7a1f10be
 class AATCallback(FARCallback):
     "FAR's AAT (eq. 10): CE(x) + λ·max PCL[IG(x̃), IG(x)], the inner max by IFIA."
     def __init__(self, lam:float=1.0, # λ (FAR Table 3, Fashion-MNIST: 1.0)
-                 eps:float=0.1, # L∞ radius
+                 eps:float|None=None, # L∞ radius (None: the data set's)
                  step_size:float|None=None, # IFIA step (default 1.2·ε/steps, FAR Table 2)
                  steps:int=7, # IFIA steps (FAR Table 2)
                  ig_steps:int=10, # IG points of the attack and training maps
                  beta:float=1.0, smooth:str='second_order', # the attack's surrogate (FAR sec. 4)
                  random_start:bool=True, # start IFIA at a random point (the PCL gradient vanishes at x)
                  seed:int|None=None, # seed of the random starts
+                 objective:str='regularizer', # AAT's; AdvAAT is the same parts with 'robust'
+                 term:str='aat', # prefix of the recorded term
                  **kwargs):
-        attack = IFIA(eps, step_size or 1.2*eps/steps, steps, objective='pcc', select='last', attack_ig_steps=ig_steps,
-                      beta=beta, smooth=smooth, random_start=random_start, seed=seed)
-        super().__init__(attribution='ig', dissimilarity='pcc', attack=attack, objective='regularizer', lam=lam,
-                         ig_steps=ig_steps, term='aat', **kwargs)
+        check_choice(smooth, SURROGATE_MODES, 'smooth'); check_beta(beta)   # the attack's surrogate, checked before any fit
+        store_attr('step_size,steps,beta,smooth,random_start,seed')
+        super().__init__(attribution='ig', dissimilarity='pcc', objective=objective, lam=lam, ig_steps=ig_steps, term=term,
+                         eps=eps, **kwargs)
 
-class AdvAATCallback(FARCallback):
+    def make_attack(self, threat):
+        step, spec = self.step_size or threat.step_size(1.2, self.steps), self.spec.replace(smooth=self.smooth, beta=self.beta)
+        if self.objective=='regularizer':
+            return IFIA(threat, step, self.steps, objective='pcc', select='last', spec=spec, random_start=self.random_start, seed=self.seed)
+        return AdvIFIA(threat, step, self.steps, lam=self.lam, objective='pcc', spec=spec, random_start=self.random_start, seed=self.seed)
+
+class AdvAATCallback(AATCallback):
     "FAR's AdvAAT (eq. 11): max {CE(x̃) + λ·PCL[IG(x̃), IG(x)]}, the inner max by Adversarial IFIA."
     def __init__(self, lam:float=0.5, # λ (FAR Table 3, Fashion-MNIST: 0.5)
-                 eps:float=0.1, step_size:float|None=None, steps:int=7, # Adversarial IFIA (FAR Table 2)
-                 ig_steps:int=10, # IG points of the attack and training maps
-                 beta:float=1.0, smooth:str='second_order', # the attack's surrogate
                  random_start:bool=False, # FAR's Alg. 2 starts at the clean input
-                 seed:int|None=None, # seed of the random starts
-                 **kwargs):
-        attack = AdvIFIA(eps, step_size or 1.2*eps/steps, steps, lam=lam, objective='pcc', attack_ig_steps=ig_steps,
-                         beta=beta, smooth=smooth, random_start=random_start, seed=seed)
-        super().__init__(attribution='ig', dissimilarity='pcc', attack=attack, objective='robust', lam=lam,
-                         ig_steps=ig_steps, term='adv_aat', **kwargs)
+                 **kwargs): # `AATCallback`'s settings
+        super().__init__(lam=lam, random_start=random_start, objective='robust', term='adv_aat', **kwargs)
 
 # %% ../nbs/08_train.ipynb #4819fd24
 class SaliencyMatchCallback(_TermRecorder):
     "Gali et al.'s L_diff (eq. 7): add λ‖J_S(x) − J_T(x)‖²₂, the teacher's true-class saliency as target."
-    order = 54
+    order = FARCallback.order - 1
     def __init__(self, teacher:nn.Module, # the teacher, e.g. an adversarially trained model
                  lam:float=1.0, # λ, the weight of L_diff
                  attribution='gradient'): # the saliency J (the paper: the input gradient of the true class)
@@ -358,7 +323,7 @@ class SaliencyMatchCallback(_TermRecorder):
     def after_loss(self):
         if not self.training: return
         if not self._checked: self._check_teacher(self._x)
-        terms = {} if 'ce' not in self._columns else {'ce': self.learn.loss_grad.detach()}
+        terms = {'ce': self.learn.loss_grad.detach()}
         j_s = self._attr(unwrap_model(self.learn.model), self._x, self._y, create_graph=True)
         with eval_mode(self.teacher, requires_grad=False): j_t = self._attr(self.teacher, self._x, self._y)
         l_diff = saliency_match_loss(j_s, j_t).mean()
@@ -367,7 +332,7 @@ class SaliencyMatchCallback(_TermRecorder):
         self._accumulate(**terms, saliency_match=l_diff.detach())
 
     def after_batch(self): self._x = self._y = None
-    def after_fit(self): self.after_batch(); _TermRecorder.after_fit(self)
+    def after_fit(self): self.after_batch(); super().after_fit()
 
 # %% ../nbs/08_train.ipynb #358024d4
 METHODS = {'natural': None, 'adv': AdvTrainCallback, 'ig_norm': IGNormCallback, 'ig_sum_norm': IGSumNormCallback,
@@ -409,206 +374,14 @@ def robust_learner(dls, # fastai `DataLoaders` of [0,1] images and integer label
                    cbs=None, # extra callbacks, e.g. `SaliencyMatchCallback(teacher)`
                    metrics=accuracy, # fastai metrics
                    opt_func=Adam, # the optimizer (FAR and RAR use Adam on (Fashion-)MNIST)
+                   eps:float|None=None, # the method's radius (None: the data set's threat model)
                    **method_kwargs): # parameters of the method's callback, e.g. `lam=0.5`
-    "A fastai `Learner` training `arch` with `method`, optionally fine-tuned from `init`."
-    cb = method_callback(method, **method_kwargs)
+    "A fastai `Learner` training `arch` with `method` against the data set's threat model, optionally fine-tuned from `init`."
+    threat = threat_model_for(dls, eps)
+    cb = method_callback(method, **method_kwargs, **({} if method=='natural' and eps is None else dict(eps=threat.eps)))
     model = _initial_model(dls, arch, init, arch_kwargs)
     if getattr(dls, 'device', None) is not None: model = model.to(dls.device)
-    return Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=opt_func, lr=lr, metrics=metrics,
-                   cbs=listify(cb) + listify(cbs))
-
-# %% ../nbs/08_train.ipynb #1f2fabd9
-@dataclass(frozen=True)
-class Passes:
-    "Work of a training step per training image: rows through forward, backward and double-backward passes."
-    forward:float=0. # image-rows run forward through the model
-    backward:float=0. # image-rows backpropagated through a forward graph
-    double_backward:float=0. # image-rows backpropagated through a backward graph (differentiating a gradient)
-    def __add__(self, other): return Passes(*[a+b for a,b in zip(astuple(self), astuple(other))])
-    def __mul__(self, k): return Passes(*[a*k for a in astuple(self)])
-    __rmul__ = __mul__
-    def cost(self, unit:Passes): # the time of one pass of each kind
-        "The time these passes take."
-        return sum(a*u for a,u in zip(astuple(self), astuple(unit)))
-
-PREDICTION, LOSS_STEP = Passes(1.), Passes(1., 1.)  # a forward alone; a loss with its gradient (a natural step, a PGD step)
-
-def grad_map(rows:float=1, # image-rows of the map (m for an IG with m points)
-             differentiated:bool=True, # is a loss of the map differentiated afterwards?
-             grads:int=1): # input gradients taken from each forward (2 for ART's alignment)
-    "The passes of a gradient map over `rows` image-rows, optionally differentiated."
-    return rows * Passes(1., grads + differentiated, grads * differentiated)
-
-# %% ../nbs/08_train.ipynb #daffc042
-def _preset_settings(method, settings):
-    "The preset's defaults for `method` updated with `settings`; unknown names are an error."
-    cls, params = METHODS.get(method), {}
-    if cls is not None:  # a preset forwards its `**kwargs` to `FARCallback`
-        params = dict(inspect.signature(FARCallback.__init__).parameters) | dict(inspect.signature(cls.__init__).parameters)
-    allowed = {k for k,p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD and k!='self'}
-    unknown = set(settings) - allowed
-    if unknown: raise ValueError(f"unknown settings for {method!r}: {sorted(unknown)}; known: {sorted(allowed)}")
-    if settings.get('layer') is not None: raise ValueError("`step_passes` counts input attributions only, not `layer=`")
-    return {k: p.default for k,p in params.items() if k in allowed} | settings
-
-def _net(d, net, p):
-    d[net] = d.get(net, Passes()) + p
-    return d
-
-def _passes_natural(s, reuse): return {'relu': LOSS_STEP}
-def _passes_adv(s, reuse): return {'relu': LOSS_STEP + s['adv_ratio']*s['steps']*LOSS_STEP}
-
-def _passes_trades(s, reuse):
-    if not s['beta']: return {'relu': LOSS_STEP}  # the regularizer objective with λ = 0 needs no attack
-    return {'relu': PREDICTION + s['steps']*LOSS_STEP + 2*LOSS_STEP}
-
-def _passes_ig_norm(s, reuse):
-    if not s['lam']: return {'relu': LOSS_STEP}
-    return {s['smooth']: s['steps']*grad_map(s['attack_m']), 'relu': LOSS_STEP + grad_map(s['grad_m'])}
-
-def _passes_ig_sum_norm(s, reuse):
-    r, K, b = s['adv_ratio'], s['steps'], s['beta']
-    d = {s['smooth']: r*K*grad_map(s['attack_m'])} if b else {}
-    train = LOSS_STEP + (r*grad_map(s['grad_m']) if b else Passes())
-    if reuse and b: train = train + -r*LOSS_STEP  # CE(x̃) from the α=1 row of the training IG (x→x̃ ends at x̃)
-    return _net(d, 'relu', r*K*LOSS_STEP + train)
-
-def _passes_art(s, reuse):
-    r, K = s['adv_ratio'], s['steps']
-    d = {'softplus': r*K*grad_map(grads=2) + (r*grad_map(grads=2) if s['lam'] else Passes())}
-    return _net(d, 'relu', LOSS_STEP)
-
-def _target_passes(s, m, r=1.):
-    "The clean map S(x): differentiated in training, or a detached target computed by the attack alone."
-    if not s['lam']: return {}, Passes()
-    if s['smooth']!='second_order': return {s['smooth']: r*grad_map(m, False)}, r*grad_map(m, not s['detach_target'])
-    return {}, r*grad_map(m, not s['detach_target'])
-
-def _passes_aat(s, reuse):
-    K, m = s['steps'], s['ig_steps']
-    if not s['lam']: return {'relu': LOSS_STEP}
-    d, target = _target_passes(s, m)
-    d = _net(d, s['smooth'], K*grad_map(m))
-    exact = reuse and s['smooth']=='second_order'  # the attack maps' α=1 rows are then exact forwards
-    checks = PREDICTION if exact else (K + 1 + int(s['random_start']))*PREDICTION  # reuse: all but the last from those rows
-    clean = Passes(0., 1.) if reuse else LOSS_STEP  # reuse: the logits at x from S(x)'s α=1 row
-    return _net(d, 'relu', checks + clean + target + grad_map(m))
-
-def _passes_adv_aat(s, reuse):
-    r, K, m, lam = s['adv_ratio'], s['steps'], s['ig_steps'], s['lam']
-    d, target = _target_passes(s, m, r)
-    d = _net(d, s['smooth'], r*K*grad_map(m) if lam else Passes())
-    ce = Passes() if (reuse and lam and s['smooth']=='second_order') else r*K*LOSS_STEP
-    train = LOSS_STEP + target + (r*grad_map(m) if lam else Passes())
-    if reuse and lam: train = train + -r*PREDICTION  # fastai's forward at x̃ from S(x̃)'s α=1 row
-    return _net(d, 'relu', ce + train)
-
-def _passes_saliency_match(s, reuse): return {'relu': grad_map(1) + grad_map(1, False)}
-
-_PASSES = dict(natural=_passes_natural, adv=_passes_adv, trades=_passes_trades, ig_norm=_passes_ig_norm,
-               ig_sum_norm=_passes_ig_sum_norm, art=_passes_art, aat=_passes_aat, adv_aat=_passes_adv_aat,
-               saliency_match=_passes_saliency_match)
-
-def step_passes(method:str, # a `METHODS` name, or 'saliency_match' (the teacher paper's add-on term)
-                reuse_endpoint:bool=False, # count IG rows at α=1 as the forward they repeat (see below)
-                **settings): # the preset's settings (its defaults otherwise), e.g. `steps=7, ig_steps=10`
-    "Forward, backward and double-backward passes per training image of one step, by network ('relu' or a surrogate)."
-    check_choice(method, tuple(_PASSES), 'method')
-    return _PASSES[method](_preset_settings(method, settings), reuse_endpoint)
-
-def add_passes(*passes:dict): # `step_passes` outputs, e.g. of a method and of 'saliency_match'
-    "The passes of callbacks used together, by network."
-    out = {}
-    for d in passes:
-        for net, p in d.items(): out = _net(out, net, p)
-    return out
-
-def total_passes(passes:dict): # `step_passes` output
-    "The passes summed over networks."
-    return sum(passes.values(), Passes())
-
-# %% ../nbs/08_train.ipynb #bf9948a6
-class _CountForward(torch.autograd.Function):
-    "Identity that counts forward rows; its backward counts backward rows."
-    @staticmethod
-    def forward(ctx, x, counts):
-        ctx.counts = counts
-        counts[0] += len(x)
-        return x.view_as(x)
-    @staticmethod
-    def backward(ctx, g): return _CountBackward.apply(g, ctx.counts), None
-
-class _CountBackward(torch.autograd.Function):
-    "Identity on a gradient that counts backward rows; its backward (a double backward) counts those."
-    @staticmethod
-    def forward(ctx, g, counts):
-        ctx.counts = counts
-        counts[1] += len(g)
-        return g.view_as(g)
-    @staticmethod
-    def backward(ctx, gg):
-        ctx.counts[2] += len(gg)
-        return gg, None
-
-def _first_layer(model): return next(m for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
-
-class CountPasses(Callback):
-    "Record the forward, backward and double-backward rows of each training step, counted after `layer`."
-    order, run_valid = -100, False
-    def __init__(self, layer:nn.Module|None=None): # where to count (default: the model's first layer with parameters)
-        self.layer, self.steps = layer, []
-    def before_fit(self):
-        self.steps, self._counts = [], [0, 0, 0]
-        layer = self.layer or _first_layer(unwrap_model(self.learn.model))
-        self._hook = layer.register_forward_hook(lambda m, i, o: _CountForward.apply(o, self._counts) if self.training else None)
-    def before_batch(self): self._counts[:] = [0, 0, 0]
-    def after_batch(self): self.steps.append(Passes(*map(float, self._counts)))
-    def after_fit(self): self._hook.remove()
-
-# %% ../nbs/08_train.ipynb #2a588c51
-def _pass_work(model, x, y, level, wrt):
-    "A forward (level 0), plus a backward (1), plus differentiating the input gradient (2), w.r.t. 'input' or 'params'."
-    x = x.detach().requires_grad_()
-    out = model(x).gather(1, y[:, None]).sum()
-    if level == 0: return
-    params = [p for p in model.parameters() if p.requires_grad]
-    if level == 1: return torch.autograd.grad(out, [x] if wrt=='input' else params)
-    g, = torch.autograd.grad(out, x, create_graph=True)
-    torch.autograd.grad(g.abs().sum(), [x] if wrt=='input' else params, allow_unused=True)
-
-_WORK = ((0, 'input'), (1, 'input'), (1, 'params'), (2, 'input'), (2, 'params'))
-
-def unit_costs(model:nn.Module, # the exact (ReLU) model
-               x:Tensor, y:Tensor, # a batch of rows and labels, e.g. as many rows as an IG pass has
-               networks=('relu', 'softplus', 'second_order'), # the exact model and the surrogates to price
-               beta:float=1., # softplus β of the surrogates (does not change their cost)
-               repeats:int=3, # timed rounds over all measurements (the fastest of each is kept)
-               clock=time.perf_counter): # wall time; `time.process_time` (CPU time) is steadier on a busy machine
-    "Seconds per row of a forward, a backward and a double-backward pass on each network."
-    best = {(net, w): float('inf') for net in networks for w in _WORK}
-    with eval_mode(model):
-        for r in range(repeats + 1):  # round 0 warms up (the first large batch a process runs is slow)
-            for net in networks:
-                with (nullcontext() if net=='relu' else softplus_surrogate(model, beta, net)):
-                    for w in _WORK:
-                        t = clock(); _pass_work(model, x, y, *w); t = clock() - t
-                        if r: best[net, w] = min(best[net, w], t)
-    def unit(net):
-        f, fb, fbd = best[net, _WORK[0]], (best[net, _WORK[1]] + best[net, _WORK[2]])/2, (best[net, _WORK[3]] + best[net, _WORK[4]])/2
-        return Passes(f, fb - f, fbd - f - 2*(fb - f)) * (1/len(x))
-    return {net: unit(net) for net in networks}
-
-def relative_units(units:dict): # `unit_costs` output
-    "Unit costs in forwards of the exact model."
-    return {net: u * (1/units['relu'].forward) for net, u in units.items()}
-
-def step_cost(passes:dict, # `step_passes` output
-              units:dict): # `unit_costs` output (network -> time of one pass of each kind)
-    "The time of a step's passes per training image, in the units of `units`."
-    return sum(p.cost(units[net]) for net, p in passes.items())
-
-def pass_bound(passes:dict, # `step_passes` output (or `add_passes` of several)
-               units:dict, # `unit_costs` output
-               overhead:float=0.): # time per training image every step spends outside the passes (optimizer, loop)
-    "The time a step with `passes` needs by its pass count, relative to a natural step."
-    return (step_cost(passes, units) + overhead) / (step_cost(step_passes('natural'), units) + overhead)
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=opt_func, lr=lr, metrics=metrics,
+                    cbs=listify(cb) + listify(cbs))
+    learn.threat, learn.method, learn.method_settings = threat, method, ({} if cb is None else cb.settings())
+    return learn

@@ -33,8 +33,8 @@ def _scenarios():
             'adv': ('adv', dict(eps=0.1, step_size=0.04, steps=3)),
             'ig_norm': ('ig_norm', dict(lam=1.0, steps=2, attack_m=2, grad_m=4)),
             'aat': ('aat', dict(lam=1.0, steps=2, ig_steps=3)), # ... and the others
-            'ig_sum_norm': ('ig_sum_norm', dict(beta=0.5, steps=2, attack_m=2, grad_m=4)),
-            'trades': ('trades', dict(beta=6.0, steps=2)),
+            'ig_sum_norm': ('ig_sum_norm', dict(lam=0.5, steps=2, attack_m=2, grad_m=4)),
+            'trades': ('trades', dict(lam=6.0, steps=2)),
             'art': ('art', dict(lam=0.5, eps=0.1, step_size=0.04, steps=2)),
             'saliency_match': ('natural', dict())}
 

@@ -22,7 +22,8 @@ from robust_attr.data import get_dls
 from robust_attr.models import SmallCNN
 from robust_attr.train import (METHODS, FARCallback, AdvTrainCallback, IGNormCallback, IGSumNormCallback, TRADESCallback,
                                ARTCallback, AATCallback, AdvAATCallback, SaliencyMatchCallback, robust_learner,
-                               method_callback, step_passes)
+                               method_callback)
+from robust_attr.passes import step_passes
 
 SIZE, BS = 8, 16
 SHORT = dict(eps=0.1, steps=2)
@@ -30,13 +31,12 @@ SHORT = dict(eps=0.1, steps=2)
 def make_callback(name, **kw):
     "The preset `name` with short attacks (seeded where the attack has random starts)."
     settings = {'adv': dict(step_size=0.05, seed=0), 'ig_norm': dict(step_size=0.05, attack_m=3, grad_m=4, seed=0),
-                'ig_sum_norm': dict(step_size=0.05, attack_m=3, grad_m=4, beta=1., seed=0),
+                'ig_sum_norm': dict(step_size=0.05, attack_m=3, grad_m=4, lam=1., seed=0),
                 'trades': dict(step_size=0.05, seed=0), 'art': dict(step_size=0.05, seed=0),
                 'aat': dict(ig_steps=4), 'adv_aat': dict(ig_steps=4, seed=0)}[name]
     return METHODS[name](**(SHORT | settings | kw))
 
 PRESETS = [m for m in METHODS if m != 'natural']
-WEIGHT = {'ig_sum_norm': 'beta', 'trades': 'beta'}   # the name of the term's weight where it is not `lam`
 
 
 def digits():
@@ -118,7 +118,7 @@ def test_attack_reuses_the_clean_training_map(dls, name):
 
 @pytest.mark.parametrize('name', ['aat', 'ig_norm', 'trades'])
 def test_regularizer_objective_with_zero_weight_runs_no_attack(dls, name):
-    cb, calls = make_callback(name, **{WEIGHT.get(name, 'lam'): 0.}), []
+    cb, calls = make_callback(name, lam=0.), []
     attack_call = type(cb.attack).__call__
     class Spy(type(cb.attack)):
         def __call__(self, *args, **kwargs): calls.append(1); return attack_call(self, *args, **kwargs)
@@ -187,7 +187,7 @@ def test_training_on_a_fixed_batch_decreases_the_regularizer(dls, natural, name)
     # objective). Madry's own term is the robust loss, so its control is natural training; so is IG-SUM-NORM's:
     # its norm is of the loss change along x → x̃, which Madry training at the stronger CE-maximizing x̃ shrinks as
     # much at this scale (the notebook pins β = 0 to Madry, and IG-NORM's case checks the same gradient path).
-    control = [] if name in ('adv', 'ig_sum_norm') else [make_callback(name, **{WEIGHT.get(name, 'lam'): 0.})]
+    control = [] if name in ('adv', 'ig_sum_norm') else [make_callback(name, lam=0.)]
     after_control = regularizer(cb, train_on(x, y, natural, control), x, y, x_adv)
     assert after < before, (name, before, after)
     assert after < after_control, (name, after, after_control)   # the callback's term did it, not the loss alone
@@ -283,6 +283,7 @@ def test_pytorch_allows_double_backward_under_autocast_but_it_is_inaccurate(natu
 @pytest.mark.parametrize('make, name', [
     (lambda: FARCallback(lam=-0.1), 'lam'), (lambda: AdvAATCallback(lam=-1.), 'lam'), (lambda: IGNormCallback(lam=-1.), 'lam'),
     (lambda: IGSumNormCallback(beta=-0.1), 'beta'), (lambda: TRADESCallback(beta=-6.), 'beta'), (lambda: ARTCallback(lam=-0.5), 'lam'),
+    (lambda: IGSumNormCallback(lam=-0.1), 'lam'), (lambda: TRADESCallback(lam=-6.), 'lam'),
     (lambda: SaliencyMatchCallback(SmallCNN(10, img_size=SIZE), lam=-1.), 'lam'), (lambda: method_callback('adv_aat', lam=-1.), 'lam'),
     (lambda: FARCallback(adv_ratio=1.5), 'adv_ratio'), (lambda: AdvTrainCallback(adv_ratio=-0.3), 'adv_ratio')])
 def test_negative_weights_are_rejected_by_every_preset(make, name):
