@@ -16,7 +16,7 @@ from fastai.torch_core import set_seed
 from robust_attr.data import get_dls, get_arrays, write_idx, IDX_FILES
 from robust_attr.train import robust_learner, METHODS, SaliencyMatchCallback
 from robust_attr.models import SmallCNN, save_model, load_model, init_weights
-from robust_attr.evaluate import evaluate, get_protocol, protocol_attacks, robust_accuracy, bootstrap_ci
+from robust_attr.evaluate import evaluate, get_protocol, protocol_attacks, robust_accuracy, bootstrap_ci, correct_by_all
 from robust_attr.core import eval_mode
 from robust_attr.attacks import PGD
 
@@ -52,7 +52,7 @@ class Budget:
     init_nat_epochs: int = 1        # natural epochs of each init-scheme model
     note: str = ''
 
-EPS = 0.1  # L∞ radius on Fashion-MNIST (FAR Table 2, RAR, PROTOCOL.md)
+EPS = 0.1  # L∞ radius on Fashion-MNIST (FAR Table 2, RAR, nbs/protocol.ipynb)
 
 def _methods(attr_steps:int, ig_steps:int, pgd_steps:int, grad_m:int, lam_scale:float=1.):
     "Preset arguments of every fine-tuning method at one attack strength (ε = 0.1 throughout)."
@@ -94,7 +94,7 @@ def get_budget(name:str, **overrides):
     return replace(BUDGETS[name], **overrides)
 
 def protocol_of(b:Budget, **overrides):
-    "The evaluation `Protocol`: PROTOCOL.md's Fashion-MNIST preset, quick variant, with the budget's sizes."
+    "The evaluation `Protocol`: the evaluation protocol's (nbs/protocol.ipynb) Fashion-MNIST preset, quick variant, with the budget's sizes."
     return get_protocol(DATA, 'quick', **(b.protocol | overrides))
 
 # ---------------------------------------------------------------------------------------------------
@@ -224,11 +224,10 @@ def correct(model, x, y, bs:int=1000):
         return torch.cat([model(x[i:i+bs]).argmax(1) == y[i:i+bs] for i in range(0, len(x), bs)])
 
 def common_correct(models:dict, x, y, n:int):
-    "Indices of the first `n` images that every model classifies correctly."
-    ok = torch.stack([correct(m, x, y) for m in models.values()]).all(0)
-    idx = ok.nonzero().squeeze(1)
+    "Indices of the first `n` images that every model classifies correctly; an error if there are fewer."
+    idx = correct_by_all(models, x, y, n, bs=1000)
     if len(idx) < n: raise ValueError(f"only {len(idx)} images are correct for every model, {n} asked")
-    return idx[:n]
+    return idx
 
 def ci(values): return [round(v, 4) for v in bootstrap_ci(values)]
 

@@ -13,7 +13,7 @@ Steps (all through robust_attr's public API):
 2. fine-tuned from it, as FAR does, with Adv (PGD), IG-NORM, IG-SUM-NORM, ART, AAT, AdvAAT and
    AAT + SaliencyMatch (the Adv model as teacher) — each on the same seeded subset of training images,
    in the same order, for one pass;
-3. every model evaluated with PROTOCOL.md's Fashion-MNIST quick protocol: NA on the test set, AA with
+3. every model evaluated with the evaluation protocol's (nbs/protocol.ipynb) Fashion-MNIST quick variant: NA on the test set, AA with
    PGD on its first `aa_n` images, IN/CO/Spearman with IFIA on the first `n` test images that *every*
    model classifies correctly (the same images for all rows, so differences are paired), AA-Top-K /
    AA-Kendall with the Adv model as reference; bootstrap 95% CIs over images;
@@ -126,7 +126,7 @@ def markdown(out:dict):
               '(FAR: 50 epochs over 60k images, lr 1e-4 for AAT/AdvAAT).', methods, '',
               *([f"Budget note: {b['note']}", ''] if b.get('note') else []),
               '## Protocol', '',
-              f"PROTOCOL.md, Fashion-MNIST preset, variant `{p['variant']}`: ε={p['eps']}, IFIA top-k attack with "
+              f"Evaluation protocol (nbs/protocol.ipynb), Fashion-MNIST preset, variant `{p['variant']}`: ε={p['eps']}, IFIA top-k attack with "
               f"k={p['attack_k']}, {p['ifia_steps']} steps of {p['ifia_step_size']}, IG with {p['ig_steps']} points "
               f"measured / {p['attack_ig_steps']} attacked on the softplus(β={p['beta']}) surrogate ({p['smooth']}), "
               f"{p['restarts']} restart(s), lowest-Kendall valid iterate; PGD {p['pgd_steps']} steps of "

@@ -4,7 +4,7 @@
     python bench/ifia_batching.py --quick         # smoke run: 8 images, 3 IFIA steps
     python bench/ifia_batching.py --single-n 20   # batch-1 run on the first 20 of the images only
 
-Both runs use the same `IFIA` object (the Fashion-MNIST quick protocol of PROTOCOL.md: ε=0.1, step 0.01,
+Both runs use the same `IFIA` object (the Fashion-MNIST quick protocol of nbs/protocol.ipynb: ε=0.1, step 0.01,
 40 iterations, k=100, 50 IG points measured, 10 attacked, softplus β=1) on the first `n` correctly
 classified test images of a natural SmallCNN (`--model`; trained with `robust_attr train --data
 fashion_mnist --method natural --epochs 3 --bs 50` if the file is missing). The batched run attacks

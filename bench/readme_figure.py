@@ -29,16 +29,12 @@ def main(png='nbs/images/fragile_vs_robust.png', md='bench/results/readme_figure
          robust_epochs=2, n=20):
     import matplotlib; matplotlib.use('Agg')
     from robust_attr.data import get_arrays
-    from robust_attr.evaluate import get_protocol, protocol_attacks, first_correct
+    from robust_attr.evaluate import get_protocol, protocol_attacks, correct_by_all
     from robust_attr.widgets import attack_outcome, show_outcomes, outcome_frame
     start = time.time()
     models, robust = train_models(seed, nat_epochs, robust_epochs)
     x, y = get_arrays('digits', 'valid', seed=seed)
-    idx = None
-    for m in models.values():  # the first n validation digits every model classifies correctly
-        i, _ = first_correct(m, x, y)
-        idx = i if idx is None else idx[torch.isin(idx, i)]
-    idx = idx[:n]
+    idx = correct_by_all(models, x, y, n)  # the first n validation digits every model classifies correctly
     p = get_protocol('digits', 'quick')
     _, ifia = protocol_attacks(p, seed)
     outcomes = {name: attack_outcome(m, x[idx], y[idx], ifia, k=p.k) for name,m in models.items()}

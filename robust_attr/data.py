@@ -104,7 +104,7 @@ class DataSetInfo:
     n_classes:int # number of classes
     channels:int # image channels
     size:int # default image height and width
-    protocol:str|None # its preset in PROTOCOL.md, if any
+    protocol:str|None # its preset of the evaluation protocol (nbs/protocol.ipynb), if any
     classes:tuple|None = None # class names in label order, where fixed
     splits:str = '' # how 'train' / 'valid' / 'test' are formed
     source:str = '' # where the data comes from

@@ -17,8 +17,9 @@ from .localize import localization_metrics, LOCALIZATION_COLUMNS
 
 # %% auto #0
 __all__ = ['PROTOCOLS', 'NEVER_MOVED_WARNING', 'SUMMARY_COLUMNS', 'Protocol', 'protocol_for', 'threat_model_for', 'get_protocol',
-           'protocol_attacks', 'robust_accuracy', 'first_correct', 'check_evaluation', 'warn_never_moved',
-           'warn_other_threat', 'evaluate', 'results_frame', 'bootstrap_ci', 'compare', 'plot_attacks', 'show_attacks']
+           'protocol_attacks', 'robust_accuracy', 'first_correct', 'correct_by_all', 'check_evaluation',
+           'warn_never_moved', 'warn_other_threat', 'evaluate', 'results_frame', 'bootstrap_ci', 'format_interval',
+           'compare', 'plot_attacks', 'show_attacks']
 
 # %% ../nbs/09_evaluate.ipynb #0ea88b82
 @dataclass(frozen=True)
@@ -157,6 +158,16 @@ def first_correct(model, x, y, n:int|None=None, bs:int=256):
     correct = correct[:n]
     return correct, int(correct[-1]) + 1
 
+# %% ../nbs/09_evaluate.ipynb #9691767b
+def correct_by_all(models, # {name: model} or a list of models
+                   x:Tensor, y:Tensor, # the evaluation set
+                   n:int|None=None, # how many indices at most (None: all)
+                   bs:int=256): # batch size of the predictions
+    "Indices of the first `n` samples that every model classifies correctly (the samples a comparison can attack on all)."
+    models = list(models.values()) if isinstance(models, dict) else list(models)
+    ok = torch.stack([_predict(unwrap_model(m), x, bs) == y for m in models]).all(0)
+    return ok.nonzero().squeeze(1)[:n]
+
 # %% ../nbs/09_evaluate.ipynb #d771042b
 def check_evaluation(model:nn.Module, x:Tensor, y, # the classifier and the evaluation set
                      p:Protocol): # the protocol
@@ -264,6 +275,16 @@ def bootstrap_ci(values, # per-sample values
     means = v[torch.randint(len(v), (n_boot, len(v)), generator=g)].mean(1)
     lo, hi = torch.quantile(means, torch.tensor([(1-level)/2, (1+level)/2], dtype=torch.float64))
     return lo.item(), hi.item()
+
+# %% ../nbs/09_evaluate.ipynb #d4823412
+def format_interval(value, # a mean, or None
+                    interval=None, # its `(low, high)` interval, or None
+                    pct:bool=False, # show as a percentage with one decimal
+                    digits:int=2): # decimals otherwise
+    "`'value [low, high]'` as the tables of this project print a mean with its interval ('—' for a missing value)."
+    if value is None: return '—'
+    f = (lambda t: f'{100*t:.1f}') if pct else (lambda t: f'{t:.{digits}f}')
+    return f(value) if interval is None else f'{f(value)} [{f(interval[0])}, {f(interval[1])}]'
 
 # %% ../nbs/09_evaluate.ipynb #62bd2757
 def compare(models:dict, # {name: model}
