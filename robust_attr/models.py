@@ -5,6 +5,7 @@
 # %% ../nbs/06_models.ipynb #f971fbcd
 from __future__ import annotations
 import math, numbers, pickle
+from dataclasses import asdict
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -15,7 +16,8 @@ from .core import *
 # %% auto #0
 __all__ = ['ARCHS', 'INIT_SCHEMES', 'CHECKPOINT_FORMAT', 'Normalize', 'PerImageStandardize', 'input_layer', 'SmallCNN',
            'count_relus', 'check_relus', 'MadryResidualUnit', 'MadryResNet', 'WideBasicBlock', 'WideResNet',
-           'LinearModel', 'get_model', 'arch_name', 'init_weights', 'check_storable', 'save_model', 'load_model']
+           'LinearModel', 'get_model', 'arch_name', 'init_weights', 'check_storable', 'save_model', 'load_model',
+           'training_meta', 'checkpoint_threat']
 
 # %% ../nbs/06_models.ipynb #2804cb41
 class Normalize(nn.Module):
@@ -237,16 +239,21 @@ def check_storable(obj, # value to store in a checkpoint
 # %% ../nbs/06_models.ipynb #4fce3ae4
 def save_model(model:nn.Module, # a model built from `ARCHS`
                path, # file to write
-               **meta): # metadata to keep beside the weights (training method, epochs, ...)
+               **meta): # metadata to keep beside the weights (data set, threat model, method, settings, epochs, ...)
     "Save `model`'s architecture name, constructor arguments, state dict and `meta` to `path`; return the path."
     name = arch_name(model)
     kwargs = check_storable(dict(model.arch_kwargs), 'arch_kwargs')
+    if 'threat' in meta: meta['threat'] = _threat_record(meta['threat'])
     check_storable(meta, 'meta')
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k,v in model.state_dict().items()}
     torch.save(dict(format=CHECKPOINT_FORMAT, arch=name, arch_kwargs=kwargs, state_dict=state, meta=meta), path)
     return path
+
+def _threat_record(threat): # a `ThreatModel` or its `asdict`
+    "`threat` as plain data, checked to be a valid `ThreatModel` so that it reads back as one."
+    return asdict(threat if isinstance(threat, ThreatModel) else ThreatModel(**threat))
 
 # %% ../nbs/06_models.ipynb #b9479b50
 def _read_checkpoint(path:Path, map_location):
@@ -272,3 +279,14 @@ def load_model(path, # file written by `save_model`
     if isinstance(map_location, (str, torch.device)): model.to(map_location)
     model.meta = ckpt['meta']
     return model.eval()
+
+# %% ../nbs/06_models.ipynb #f71088db
+def training_meta(learn): # a Learner from `robust_attr.train.robust_learner`, after training
+    "What a checkpoint of `learn.model` records: its data set, the threat model, the method and the method's settings."
+    info = getattr(learn.dls, 'info', None)  # `get_dls` names the data set; other DataLoaders do not
+    return dict(data=getattr(info, 'name', None), threat=learn.threat, method=learn.method, settings=learn.method_settings)
+
+def checkpoint_threat(model:nn.Module): # a model returned by `load_model`
+    "The `ThreatModel` its checkpoint was trained against (`model.meta['threat']`), or None if it does not record one."
+    threat = getattr(model, 'meta', {}).get('threat')
+    return None if threat is None else ThreatModel(**threat)
