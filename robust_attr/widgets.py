@@ -5,22 +5,35 @@
 # %% ../nbs/11_widgets.ipynb #613e36f1
 from __future__ import annotations
 import io, html, threading, time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
+from types import SimpleNamespace
 import torch
 import torch.nn as nn
 from torch import Tensor
-from fastcore.basics import patch
+from fastcore.basics import store_attr
 import ipywidgets as W
 from .core import *
 from .attribution import smoothgrad
 from .attacks import IFIA
 from .metrics import topk_intersection, kendall_tau, topk_mask
-from .evaluate import plot_attacks
+from .evaluate import plot_attacks, threat_model_for
 
 # %% auto #0
-__all__ = ['EXPLORER_METHODS', 'OVERLAP_LABELS', 'seeded_smoothgrad', 'explorer_attack', 'AttackOutcome', 'attack_outcome',
-           'topk_overlap', 'show_attack', 'show_outcomes', 'outcome_frame', 'figure_png', 'SaliencyExplorer']
+__all__ = ['EXPLORER_METHODS', 'OVERLAP_LABELS', 'explorer_threat', 'seeded_smoothgrad', 'explorer_attack', 'AttackOutcome',
+           'attack_outcome', 'topk_overlap', 'show_attack', 'show_outcomes', 'outcome_frame', 'figure_png',
+           'SaliencyExplorer']
+
+# %% ../nbs/11_widgets.ipynb #a64ed405
+def explorer_threat(eps:float|ThreatModel|None=None, # a radius, or a whole `ThreatModel` (which wins)
+                    data:str|None=None, # a data set name of `robust_attr.data.DATASETS`
+                    x:Tensor|None=None): # the images `(N, C, H, W)`, when `data` is not named
+    "The explorer's `ThreatModel`: `eps` if it is one, else `data`'s (or the images'), with `eps` as its radius if given."
+    if isinstance(eps, ThreatModel): return eps
+    if data is not None: return threat_model_for(data, eps)
+    if x is not None: return threat_model_for(SimpleNamespace(one_batch=lambda: (x,)), eps)  # the rule for unknown DataLoaders: by channels
+    if eps is None: raise ValueError("pass `eps` (a radius or a ThreatModel) or `data` (a name of `robust_attr.data.DATASETS`)")
+    return ThreatModel(eps)
 
 # %% ../nbs/11_widgets.ipynb #7ad8c243
 def seeded_smoothgrad(n_samples:int=20, # noise draws per sample
@@ -37,7 +50,7 @@ def seeded_smoothgrad(n_samples:int=20, # noise draws per sample
 EXPLORER_METHODS = ('saliency', 'ig', 'smoothgrad')
 
 def explorer_attack(method:str='ig', # 'saliency', 'ig' (Integrated Gradients) or 'smoothgrad'
-                    eps:float=0.1, # L∞ radius in [0,1] pixel units
+                    eps:float|ThreatModel|None=None, # L∞ radius in [0,1] pixel units, or a `ThreatModel` (default: `data`'s)
                     steps:int=20, # attack steps
                     k:int=50, # size of the top-k set the attack pushes down
                     step_size:float|None=None, # step length (default 2.5·ε/steps)
@@ -45,12 +58,13 @@ def explorer_attack(method:str='ig', # 'saliency', 'ig' (Integrated Gradients) o
                     attack_ig_steps:int=10, # IG points of the climbed map
                     beta:float=1.0, # softplus β of the surrogate the attack climbs
                     n_samples:int=20, # SmoothGrad noise draws
-                    seed:int=0): # seed of SmoothGrad's noise
+                    seed:int=0, # seed of SmoothGrad's noise
+                    data:str|None=None): # a data set name of `robust_attr.data.DATASETS`, whose threat model is the default
     "The IFIA top-k attack on `method`'s map, measured on the exact model (lowest-Kendall valid iterate)."
     check_choice(method, EXPLORER_METHODS, 'method')
-    eps, steps = check_number(eps, 'eps', min=0), check_number(steps, 'steps', min=0, integer=True)
+    threat, steps = explorer_threat(eps, data), check_number(steps, 'steps', min=0, integer=True)
     attribution = seeded_smoothgrad(n_samples, seed=seed) if method=='smoothgrad' else method
-    return IFIA(eps, step_size or (2.5*eps/max(steps, 1) or 1.), steps, k=k, attribution=attribution, ig_steps=ig_steps,
+    return IFIA(threat, step_size or (2.5*threat.eps/max(steps, 1) or 1.), steps, k=k, attribution=attribution, ig_steps=ig_steps,
                 attack_ig_steps=attack_ig_steps, beta=beta, smooth='softplus')
 
 # %% ../nbs/11_widgets.ipynb #040988c9
@@ -159,153 +173,139 @@ class SaliencyExplorer:
                  x:Tensor, # candidate samples, images in [0, 1], `(N, C, H, W)`
                  y, # their labels, `(N,)`
                  method:str='ig', # initial attribution: 'saliency', 'ig' or 'smoothgrad'
-                 eps:float=0.1, # initial L∞ radius
+                 eps:float|None=None, # initial L∞ radius (default: the threat model of `data`, else of the images)
                  steps:int=20, # initial attack steps
                  k:int=50, # initial top-k
-                 max_eps:float=0.3, # largest ε on the slider
+                 max_eps:float|None=None, # largest ε on the slider (default: 3·ε)
                  max_steps:int=200, # most attack steps on the slider
                  background:bool=True, # run attacks in a thread, so that Stop can end them
                  dpi:int=72, # resolution of the figures
+                 data:str|None=None, # the images' data set, a name of `robust_attr.data.DATASETS`
                  **attack_kwargs): # other `explorer_attack` settings (ig_steps, beta, step_size, ...)
         self.models, self.x = _named_models(models), check_images(x, 'x').detach()
         self.y = check_targets(y, len(x), name='y')
-        explorer_attack(method, eps, steps, k, **attack_kwargs)  # fail now, not at the first click
-        self.background, self.dpi, self.attack_kwargs = background, dpi, attack_kwargs
+        self.threat = explorer_threat(eps, data, self.x)
+        explorer_attack(method, self.threat, steps, k, **attack_kwargs)  # fail now, not at the first click
+        store_attr('background,dpi,attack_kwargs')
         self.results, self.figures, self.error, self.thread = {}, {}, None, None
         self._stop, self._busy = threading.Event(), False
-        self._build(method, eps, steps, k, max_eps, max_steps)
+        self._build(method, self.threat.eps, steps, k, max_eps, max_steps)
 
-# %% ../nbs/11_widgets.ipynb #ce02ad6a
-@patch
-def _controls(self:SaliencyExplorer, method, eps, steps, k, max_eps, max_steps):
-    "Create the control widgets."
-    n, names = len(self.x), list(self.models)
-    self.sample = W.IntSlider(0, min=0, max=n-1, description='sample', continuous_update=False)
-    self.index = W.BoundedIntText(0, min=0, max=n-1, description='index', layout=W.Layout(width='160px'))
-    W.link((self.sample, 'value'), (self.index, 'value'))
-    self.model_select = W.SelectMultiple(options=names, value=tuple(names), description='models', rows=min(len(names), 5))
-    self.method = W.ToggleButtons(options=[('Saliency', 'saliency'), ('IG', 'ig'), ('SmoothGrad', 'smoothgrad')],
-                                  value=method, description='map')
-    self.eps = W.FloatSlider(eps, min=0., max=max(max_eps, eps), step=0.005, description='ε', readout_format='.3f')
-    self.steps = W.IntSlider(steps, min=0, max=max(max_steps, steps), description='steps')
-    self.k = W.IntSlider(min(k, self.x[0, 0].numel()), min=1, max=self.x[0, 0].numel(), description='top-k')
-    self.run_button = W.Button(description='Run attack', button_style='primary', icon='play')
-    self.stop_button = W.Button(description='Stop', button_style='warning', icon='stop', disabled=True)
-    self.progress = W.IntProgress(0, min=0, max=1, description='progress')
-    self.status, self.table, self.images = W.HTML(), W.HTML(), W.VBox()
+    def _controls(self, method, eps, steps, k, max_eps, max_steps):
+        "Create the control widgets."
+        n, names = len(self.x), list(self.models)
+        self.sample = W.IntSlider(0, min=0, max=n-1, description='sample', continuous_update=False)
+        self.index = W.BoundedIntText(0, min=0, max=n-1, description='index', layout=W.Layout(width='160px'))
+        W.link((self.sample, 'value'), (self.index, 'value'))
+        self.model_select = W.SelectMultiple(options=names, value=tuple(names), description='models', rows=min(len(names), 5))
+        self.method = W.ToggleButtons(options=[('Saliency', 'saliency'), ('IG', 'ig'), ('SmoothGrad', 'smoothgrad')],
+                                      value=method, description='map')
+        top = max(3*eps if max_eps is None else max_eps, eps) or self.threat.box[1] - self.threat.box[0]
+        self.eps = W.FloatSlider(eps, min=0., max=top, step=top/60, description='ε', readout_format='.3f')
+        self.steps = W.IntSlider(steps, min=0, max=max(max_steps, steps), description='steps')
+        self.k = W.IntSlider(min(k, self.x[0, 0].numel()), min=1, max=self.x[0, 0].numel(), description='top-k')
+        self.run_button = W.Button(description='Run attack', button_style='primary', icon='play')
+        self.stop_button = W.Button(description='Stop', button_style='warning', icon='stop', disabled=True)
+        self.progress = W.IntProgress(0, min=0, max=1, description='progress')
+        self.status, self.table, self.images = W.HTML(), W.HTML(), W.VBox()
 
-@patch
-def _build(self:SaliencyExplorer, method, eps, steps, k, max_eps, max_steps):
-    "Create the controls, lay them out, and connect the buttons and the sample slider."
-    self._controls(method, eps, steps, k, max_eps, max_steps)
-    settings = W.VBox([self.method, self.eps, self.steps, self.k])
-    self.widget = W.VBox([W.HBox([self.sample, self.index]), W.HBox([self.model_select, settings]),
-                          W.HBox([self.run_button, self.stop_button, self.progress]), self.status, self.table, self.images])
-    self.run_button.on_click(lambda _: self.start())
-    self.stop_button.on_click(lambda _: self.stop())
-    self.sample.observe(self._show_sample, 'value')
-    self._show_sample()
+    def _build(self, method, eps, steps, k, max_eps, max_steps):
+        "Create the controls, lay them out, and connect the buttons and the sample slider."
+        self._controls(method, eps, steps, k, max_eps, max_steps)
+        settings = W.VBox([self.method, self.eps, self.steps, self.k])
+        self.widget = W.VBox([W.HBox([self.sample, self.index]), W.HBox([self.model_select, settings]),
+                              W.HBox([self.run_button, self.stop_button, self.progress]), self.status, self.table, self.images])
+        self.run_button.on_click(lambda _: self.start())
+        self.stop_button.on_click(lambda _: self.stop())
+        self.sample.observe(self._show_sample, 'value')
+        self._show_sample()
 
-@patch
-def _show_sample(self:SaliencyExplorer, change=None):
-    "Status line for a newly selected sample."
-    i = self.sample.value
-    self.status.value = f'sample {i} (label {self.y[i].item()}): press <b>Run attack</b>'
+    def _show_sample(self, change=None):
+        "Status line for a newly selected sample."
+        i = self.sample.value
+        self.status.value = f'sample {i} (label {self.y[i].item()}): press <b>Run attack</b>'
 
-@patch
-def _repr_mimebundle_(self:SaliencyExplorer, **kwargs): return self.widget._repr_mimebundle_(**kwargs)
+    def _repr_mimebundle_(self, **kwargs): return self.widget._repr_mimebundle_(**kwargs)
 
-# %% ../nbs/11_widgets.ipynb #f74484f4
-@patch
-def _on_step(self:SaliencyExplorer, done:int, name:str, step:int, total:int):
-    "The attack's `on_step`: update the progress bar; True (stop) once Stop was pressed."
-    self.progress.value = done + step
-    self.status.value = f'attacking <b>{html.escape(name)}</b>: step {step} of {total}'
-    return self._stop.is_set()
+    def _on_step(self, done:int, name:str, step:int, total:int):
+        "The attack's `on_step`: update the progress bar; True (stop) once Stop was pressed."
+        self.progress.value = done + step
+        self.status.value = f'attacking <b>{html.escape(name)}</b>: step {step} of {total}'
+        return self._stop.is_set()
 
-@patch
-def _set_busy(self:SaliencyExplorer, busy:bool):
-    self._busy = busy
-    self.run_button.disabled, self.stop_button.disabled = busy, not busy
+    def _set_busy(self, busy:bool):
+        self._busy = busy
+        self.run_button.disabled, self.stop_button.disabled = busy, not busy
 
-@patch
-def _begin(self:SaliencyExplorer):
-    "Mark busy and clear the last run's output, in the caller's thread: nothing stale shows once Run returns."
-    self._stop.clear(); self._set_busy(True)
-    self.results, self.figures, self.error, self.images.children, self.table.value = {}, {}, None, (), ''
-    self.progress.value, self.progress.bar_style = 0, 'info'
+    def _begin(self):
+        "Mark busy and clear the last run's output, in the caller's thread: nothing stale shows once Run returns."
+        self._stop.clear(); self._set_busy(True)
+        self.results, self.figures, self.error, self.images.children, self.table.value = {}, {}, None, (), ''
+        self.progress.value, self.progress.bar_style = 0, 'info'
 
-@patch
-def _attack_all(self:SaliencyExplorer, names, i, attack):
-    "Attack sample `i` under each named model, until Stop is pressed; returns {name: AttackOutcome}."
-    self.progress.max = max(len(names)*attack.steps, 1)
-    out = {}
-    for j,name in enumerate(names):
-        out[name] = attack_outcome(self.models[name], self.x[i:i+1], self.y[i:i+1], attack, self.k.value,
-                                   on_step=partial(self._on_step, j*attack.steps, name))
-        self.progress.value = (j+1)*attack.steps
-        if self._stop.is_set(): break
-    return out
+    def _attack_all(self, names, i, attack):
+        "Attack sample `i` under each named model, until Stop is pressed; returns {name: AttackOutcome}."
+        self.progress.max = max(len(names)*attack.steps, 1)
+        out = {}
+        for j,name in enumerate(names):
+            out[name] = attack_outcome(self.models[name], self.x[i:i+1], self.y[i:i+1], attack, self.k.value,
+                                       on_step=partial(self._on_step, j*attack.steps, name))
+            self.progress.value = (j+1)*attack.steps
+            if self._stop.is_set(): break
+        return out
 
-# %% ../nbs/11_widgets.ipynb #fb8d66e5
-@patch
-def _render(self:SaliencyExplorer, outcomes:dict):
-    "Draw one figure per model and the table of numbers."
-    import matplotlib.pyplot as plt
-    self.figures = {name: show_attack(o, label=f'{name}: ') for name,o in outcomes.items()}
-    pngs = {name: figure_png(f, self.dpi) for name,f in self.figures.items()}
-    for f in self.figures.values(): plt.close(f)  # keep them out of pyplot's list of open figures
-    self.images.children = tuple(W.Image(value=p, format='png') for p in pngs.values())
-    self.table.value = outcome_frame(outcomes).to_html(float_format=lambda v: f'{v:.3f}')
+    def _render(self, outcomes:dict):
+        "Draw one figure per model and the table of numbers."
+        import matplotlib.pyplot as plt
+        self.figures = {name: show_attack(o, label=f'{name}: ') for name,o in outcomes.items()}
+        pngs = {name: figure_png(f, self.dpi) for name,f in self.figures.items()}
+        for f in self.figures.values(): plt.close(f)  # keep them out of pyplot's list of open figures
+        self.images.children = tuple(W.Image(value=p, format='png') for p in pngs.values())
+        self.table.value = outcome_frame(outcomes).to_html(float_format=lambda v: f'{v:.3f}')
 
-@patch
-def _fail(self:SaliencyExplorer, msg:str):
-    self.progress.bar_style = 'danger'
-    self.status.value = f'<span style="color:#c00">{html.escape(msg)}</span>'
+    def _fail(self, msg:str):
+        self.progress.bar_style = 'danger'
+        self.status.value = f'<span style="color:#c00">{html.escape(msg)}</span>'
 
-# %% ../nbs/11_widgets.ipynb #999fa8bf
-@patch
-def _run(self:SaliencyExplorer):
-    "One run with the current settings, after `_begin`; shows the result, or the error."
-    start = time.time()
-    try:
-        names, i = list(self.model_select.value), self.sample.value
-        if not names: raise ValueError('select at least one model')
-        attack = explorer_attack(self.method.value, self.eps.value, self.steps.value, self.k.value, **self.attack_kwargs)
-        self.results = self._attack_all(names, i, attack)
-        self._render(self.results)
-        if self._stop.is_set():
-            last = list(self.results)[-1]
-            self.progress.bar_style = 'warning'
-            self.status.value = (f'stopped after {self.results[last].steps[0].item()} of {attack.steps} steps on '
-                                 f'<b>{html.escape(last)}</b>: showing the best iterate found so far')
-        else:
-            self.progress.bar_style = 'success'
-            self.status.value = f'sample {i} (label {self.y[i].item()}): done in {time.time()-start:.1f} s'
-    except KeyboardInterrupt: self._fail('interrupted')
-    except Exception as e:
-        self.error = e
-        self._fail(f'attack failed: {type(e).__name__}: {e}')
-    finally: self._set_busy(False)
-    return self.results
+    def _run(self):
+        "One run with the current settings, after `_begin`; shows the result, or the error."
+        start = time.time()
+        try:
+            names, i = list(self.model_select.value), self.sample.value
+            if not names: raise ValueError('select at least one model')
+            threat = replace(self.threat, eps=self.eps.value)  # the slider's radius, the data's norm and box
+            attack = explorer_attack(self.method.value, threat, self.steps.value, self.k.value, **self.attack_kwargs)
+            self.results = self._attack_all(names, i, attack)
+            self._render(self.results)
+            if self._stop.is_set():
+                last = list(self.results)[-1]
+                self.progress.bar_style = 'warning'
+                self.status.value = (f'stopped after {self.results[last].steps[0].item()} of {attack.steps} steps on '
+                                     f'<b>{html.escape(last)}</b>: showing the best iterate found so far')
+            else:
+                self.progress.bar_style = 'success'
+                self.status.value = f'sample {i} (label {self.y[i].item()}): done in {time.time()-start:.1f} s'
+        except KeyboardInterrupt: self._fail('interrupted')
+        except Exception as e:
+            self.error = e
+            self._fail(f'attack failed: {type(e).__name__}: {e}')
+        finally: self._set_busy(False)
+        return self.results
 
-@patch
-def run(self:SaliencyExplorer):
-    "Attack the selected sample with the current settings, in this thread; returns {name: AttackOutcome}."
-    self._begin()
-    return self._run()
+    def run(self):
+        "Attack the selected sample with the current settings, in this thread; returns {name: AttackOutcome}."
+        self._begin()
+        return self._run()
 
-@patch
-def start(self:SaliencyExplorer):
-    "What Run does: `run` in a background thread (or here, if `background` is False)."
-    if self._busy: return self.thread
-    self._begin()
-    if not self.background: return self._run()
-    self.thread = threading.Thread(target=self._run, daemon=True)
-    self.thread.start()
-    return self.thread
+    def start(self):
+        "What Run does: `run` in a background thread (or here, if `background` is False)."
+        if self._busy: return self.thread
+        self._begin()
+        if not self.background: return self._run()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self.thread
 
-@patch
-def stop(self:SaliencyExplorer):
-    "What Stop does: end the running attack before its next step."
-    self._stop.set()
+    def stop(self):
+        "What Stop does: end the running attack before its next step."
+        self._stop.set()
