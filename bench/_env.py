@@ -56,3 +56,16 @@ def set_threads(n):
     import torch
     if n: torch.set_num_threads(n)
     return torch.get_num_threads()
+
+def with_notes(lines:list, r:dict) -> str:
+    "The markdown of `lines`, with a Notes section when the result carries notes."
+    if r.get('notes'): lines = lines + ['## Notes', '', *r['notes'], '']
+    return '\n'.join(lines)
+
+def model_parser(doc:str):
+    "The parser of a script that measures the natural Fashion-MNIST SmallCNN: its `--model` and `--threads` options."
+    import argparse
+    ap = argparse.ArgumentParser(description=doc.split('\n')[0])
+    ap.add_argument('--model', default=DEFAULT_MODEL, help='natural Fashion-MNIST SmallCNN (trained if missing)')
+    ap.add_argument('--threads', type=int, help='torch threads (default: torch default)')
+    return ap

@@ -21,7 +21,7 @@ import robust_attr.attacks as attacks
 from robust_attr.data import get_arrays
 from robust_attr.core import eval_mode
 from robust_attr.evaluate import get_protocol, protocol_attacks, first_correct
-from _env import env_info, load, write, set_threads, fashion_mnist_model, DEFAULT_MODEL
+from _env import env_info, load, write, set_threads, fashion_mnist_model, DEFAULT_MODEL, with_notes, model_parser
 
 class PartTimer:
     "Accumulate the wall time of an attack's parts by wrapping them (the attack code itself is unchanged)."
@@ -145,16 +145,13 @@ def markdown(r):
               f"**{'met' if abs(r['kendall_difference']) <= 0.02 else 'NOT met'}**); largest per-image difference "
               f"{r['max_per_image_difference']:.4f} (batched convolutions round differently, and a different rounding can "
               "change which iterate keeps the prediction).", '']
-    if r.get('notes'): lines += ['## Notes', '', *r['notes'], '']
-    return '\n'.join(lines)
+    return with_notes(lines, r)
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('--model', default=DEFAULT_MODEL, help='natural Fashion-MNIST SmallCNN (trained if missing)')
+    ap = model_parser(__doc__)
     ap.add_argument('--n', type=int, help='correctly classified test images (default 100; quick 8)')
     ap.add_argument('--single-n', type=int, help='images for the batch-1 run (default: all n)')
     ap.add_argument('--steps', type=int, help='IFIA iterations (default: the quick protocol, 40; quick 3)')
-    ap.add_argument('--threads', type=int, help='torch threads (default: torch default)')
     ap.add_argument('--internal-batch-size', type=int, default=256, help="IFIA's rows per IG pass (evaluate's default, 256)")
     ap.add_argument('--no-unchunked', action='store_true', help='skip the batched run with all IG rows in one pass')
     ap.add_argument('--quick', action='store_true', help='smoke run')

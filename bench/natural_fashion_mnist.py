@@ -17,7 +17,7 @@ from robust_attr.evaluate import evaluate, bootstrap_ci, get_protocol, protocol_
 from robust_attr.attacks import IFIA
 from robust_attr.metrics import kendall_tau, topk_intersection, topk_mask
 from robust_attr.smooth import softplus_surrogate
-from _env import env_info, load, write, set_threads, fashion_mnist_model, DEFAULT_MODEL, TRAIN_COMMAND
+from _env import env_info, load, write, set_threads, fashion_mnist_model, DEFAULT_MODEL, TRAIN_COMMAND, with_notes, model_parser
 
 PAPERS = [('FAR Table 1, Nat (k=50, full protocol)', 91.5, 11.0, 0.43, 0.20),
           ('teacher-alignment Table 1, Nat (full protocol)', 90.86, 0.01, 0.390, 0.461)]
@@ -72,17 +72,14 @@ def markdown(r):
              f"[{ci['IN'][0]:.3f}, {ci['IN'][1]:.3f}] | {v['CO']:.3f} [{ci['CO'][0]:.3f}, {ci['CO'][1]:.3f}] | {v['spearman']:.3f} |"]
     for name, na, aa, inn, co in PAPERS: lines.append(f"| {name} | {na} | {aa} | {inn} | {co} | |")
     lines += ['', 'Brackets: 95% percentile bootstrap intervals over the evaluated images.', '']
-    if r.get('notes'): lines += ['## Notes', '', *r['notes'], '']
-    return '\n'.join(lines)
+    return with_notes(lines, r)
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('--model', default=DEFAULT_MODEL, help='natural Fashion-MNIST SmallCNN (trained if missing)')
+    ap = model_parser(__doc__)
     ap.add_argument('--n', type=int, help='correctly classified images for IN/CO (default: the protocol, 200; quick 20)')
     ap.add_argument('--aa-n', type=int, help='AA on the first aa_n test images (default 1000; quick 100)')
     ap.add_argument('--variant', default='quick', choices=('quick', 'full'))
     ap.add_argument('--bs', type=int, default=100, help='attack batch size')
-    ap.add_argument('--threads', type=int, help='torch threads (default: torch default)')
     ap.add_argument('--set', action='append', metavar='KEY=VALUE', help='override a protocol setting')
     ap.add_argument('--quick', action='store_true', help='smoke run')
     ap.add_argument('--co-variants', type=int, metavar='N', help='only: attack the first N correct images, report CO under map/metric variants')

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset, Subset, DataLoader
 from fastai.data.core import DataLoaders
+from fastcore.meta import delegates
 from .core import *
 
 # %% auto #0
@@ -512,16 +513,13 @@ def get_dataset(name:str, # a key of `DATASETS`
     return TensorDataset(resize_images(x, size or info.size), y)
 
 # %% ../nbs/07_data.ipynb #2b2039a3
+@delegates(get_dataset, but=['n_name'])
 def get_arrays(name:str, # a key of `DATASETS`
                split:str='train', # 'train', 'valid' or 'test'
-               path=None, # the data's directory, or None for the default places
-               n:int|None=None, # how many samples (a seeded random subset), or None for all
-               seed:int=42, # seed of splits, subsets and generated data
-               size:int|None=None, # image height and width, or None for the data set's default
-               download:bool=False, # let torchvision download a missing data set
-               with_masks:bool=False): # synthetic only: also return masks and boxes
+               *, with_masks:bool=False, # synthetic only: also return masks and boxes
+               **kwargs): # `get_dataset`'s: `path`, `n`, `seed`, `size`, `download`
     "`(x, y)`: one split as a float image tensor in [0, 1] and long labels (`+ (masks, boxes)` if asked)."
-    ds = get_dataset(name, split, path, n, seed, size, download, with_masks)
+    ds = get_dataset(name, split, with_masks=with_masks, **kwargs)
     if isinstance(ds, TensorDataset): ts = ds.tensors
     else: ts = [torch.cat(t) for t in zip(*DataLoader(ds, batch_size=256, num_workers=0))]
     if not with_masks: return ts[0], ts[1].long()

@@ -131,27 +131,15 @@ def total_passes(passes:dict): # `step_passes` output
     return sum(passes.values(), Passes())
 
 # %% ../nbs/08b_passes.ipynb #bf9948a6
-class _CountForward(torch.autograd.Function):
-    "Identity that counts forward rows; its backward counts backward rows."
+class _Count(torch.autograd.Function):
+    "Identity that adds the rows it sees to `counts[level]` (0 forward, 1 backward, 2 double backward); its backward counts one level up."
     @staticmethod
-    def forward(ctx, x, counts):
-        ctx.counts = counts
-        counts[0] += len(x)
-        return x.view_as(x)
+    def forward(ctx, t, counts, level):
+        ctx.counts, ctx.level = counts, level
+        counts[level] += len(t)
+        return t.view_as(t)
     @staticmethod
-    def backward(ctx, g): return _CountBackward.apply(g, ctx.counts), None
-
-class _CountBackward(torch.autograd.Function):
-    "Identity on a gradient that counts backward rows; its backward (a double backward) counts those."
-    @staticmethod
-    def forward(ctx, g, counts):
-        ctx.counts = counts
-        counts[1] += len(g)
-        return g.view_as(g)
-    @staticmethod
-    def backward(ctx, gg):
-        ctx.counts[2] += len(gg)
-        return gg, None
+    def backward(ctx, g): return (_Count.apply(g, ctx.counts, ctx.level + 1) if ctx.level < 2 else g), None, None
 
 def _first_layer(model): return next(m for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
 
@@ -163,7 +151,7 @@ class CountPasses(Callback):
     def before_fit(self):
         self.steps, self._counts = [], [0, 0, 0]
         layer = self.layer or _first_layer(unwrap_model(self.learn.model))
-        self._hook = layer.register_forward_hook(lambda m, i, o: _CountForward.apply(o, self._counts) if self.training else None)
+        self._hook = layer.register_forward_hook(lambda m, i, o: _Count.apply(o, self._counts, 0) if self.training else None)
     def before_batch(self): self._counts[:] = [0, 0, 0]
     def after_batch(self): self.steps.append(Passes(*map(float, self._counts)))
     def after_fit(self): self._hook.remove()
