@@ -4,27 +4,40 @@
 
 # %% ../nbs/12_cli.ipynb #a28a8d43
 from __future__ import annotations
-import argparse, ast, contextlib, functools, json, sys, time
+import argparse, ast, contextlib, contextvars, dataclasses, functools, importlib, inspect, json, sys, time, types, typing, warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['DEMO_PROTOCOL', 'parse_settings', 'train', 'evaluate_saved', 'demo', 'main']
+__all__ = ['DEMO_PROTOCOL', 'CHOICES', 'COMMANDS', 'parse_setting', 'parse_settings', 'train', 'evaluation_target',
+           'evaluate_saved', 'demo', 'RegistryNames', 'add_options', 'OneLineParser', 'main']
 
 # %% ../nbs/12_cli.ipynb #b8bc284d
+def parse_setting(pair:str): # a `key=value` string
+    "`(key, value)` from `key=value`, the value read as a Python literal when it is one, the key with `_` for `-`."
+    if '=' not in pair: raise ValueError(f"--set expects key=value, got {pair!r}")
+    k, v = pair.split('=', 1)
+    try: v = ast.literal_eval(v)
+    except (ValueError, SyntaxError): pass
+    return k.strip().replace('-', '_'), v
+
 def parse_settings(pairs): # `key=value` strings
     "A dict from `key=value` strings, values read as Python literals when they are one."
-    out = {}
-    for p in pairs or []:
-        if '=' not in p: raise SystemExit(f"--set expects key=value, got {p!r}")
-        k, v = p.split('=', 1)
-        try: out[k.strip().replace('-', '_')] = ast.literal_eval(v)
-        except (ValueError, SyntaxError): out[k.strip().replace('-', '_')] = v
-    return out
+    return dict(parse_setting(p) for p in pairs or [])
+
+# %% ../nbs/12_cli.ipynb #dbb14811
+_working = contextvars.ContextVar('robust_attr.cli working', default=False)
+
+def _work_starts():
+    "Mark that the running command has checked its inputs and starts its work."
+    _working.set(True)
 
 # %% ../nbs/12_cli.ipynb #07e3227a
-def train(data:str='digits', # data set name (`robust_attr.data.DATASETS`)
-          arch:str='small_cnn', # architecture name (`robust_attr.models.ARCHS`)
-          method:str='natural', # training method (`robust_attr.train.METHODS`)
+def train(data:str='digits', # data set
+          arch:str='small_cnn', # architecture
+          method:str='natural', # training method
+          lam:float|None=None, # λ, the weight of the method's extra term (TRADES' β); None for the method's own
+          eps:float|None=None, # radius ε of the method's attack; None for the data set's
           epochs:int=1, # training epochs
           out='model.pth', # where to save the model
           init=None, # a saved model to fine-tune from
@@ -35,23 +48,27 @@ def train(data:str='digits', # data set name (`robust_attr.data.DATASETS`)
           seed:int=42, # seed of data subsets and training
           path=None, # data directory, None for the default places
           progress:bool=True, # fastai progress bar and table
-          **method_kwargs): # parameters of the method's callback
-    "Train `arch` on `data` with `method`, save it to `out`, return the fastai `Learner`."
+          **method_kwargs): # other settings of the method, e.g. `steps=3`
+    "Train a model on a data set with a method and save it with what it was trained for; return the fastai `Learner`."
     from fastai.torch_core import set_seed, rank_distrib
     from robust_attr.data import get_dls
     from robust_attr.train import robust_learner
-    from robust_attr.models import save_model
+    from robust_attr.models import save_model, training_meta
     set_seed(seed)
     dls = get_dls(data, path=path, bs=bs, n_train=n_train, n_valid=n_valid, seed=seed)
-    learn = robust_learner(dls, method, arch=arch, init=init, lr=lr, **method_kwargs)
+    settings = method_kwargs | {k: v for k,v in dict(lam=lam, eps=eps).items() if v is not None}
+    learn = robust_learner(dls, method, arch=arch, init=init, lr=lr, **settings)
+    _work_starts()
     start = time.time()
     with _distrib_ctx(learn):
         if progress: learn.fit(epochs)
         else:
             with learn.no_bar(), learn.no_logging(): learn.fit(epochs)
-    meta = dict(data=data, method=method, epochs=epochs, n_train=len(dls.train_ds), lr=lr, seed=seed, init=str(init),
-                seconds=round(time.time()-start, 1), params={k: v for k,v in method_kwargs.items() if isinstance(v, (int, float, str, bool))})
-    if rank_distrib()==0: save_model(learn.model, out, **meta)
+    meta = training_meta(learn) | dict(epochs=epochs, n_train=len(dls.train_ds), bs=bs, lr=lr, seed=seed,
+                                       init=None if init is None else str(init), seconds=round(time.time()-start, 1))
+    if rank_distrib()==0:
+        save_model(learn.model, out, **meta)
+        print(f"saved {out}")
     return learn
 
 def _distrib_ctx(learn):
@@ -62,9 +79,22 @@ def _distrib_ctx(learn):
     return learn.distrib_ctx()
 
 # %% ../nbs/12_cli.ipynb #52bab37a
-def evaluate_saved(model, # path of a `save_model` checkpoint
-                   data:str, # data set name; its protocol preset is used
-                   variant:str='quick', # 'full' or 'quick' protocol
+def evaluation_target(model, # a model returned by `load_model`
+                      data:str|None=None, # the data set asked for, None for the model's
+                      eps:float|None=None): # the radius asked for, None for the model's
+    "`(data, eps)` to evaluate a saved model with: by default the data set and radius it was trained for."
+    from robust_attr.models import checkpoint_threat
+    trained, threat = getattr(model, 'meta', {}).get('data'), checkpoint_threat(model)
+    if data is None and trained is None:
+        raise ValueError("the checkpoint does not record the data set it was trained on; name one (`data`, --data)")
+    if data is not None and data != trained: return data, eps  # another data set: its protocol's radius unless asked
+    return trained, (threat.eps if eps is None and threat is not None else eps)
+
+# %% ../nbs/12_cli.ipynb #2df88663
+def evaluate_saved(model, # a saved model (written by robust_attr train or `save_model`)
+                   data:str|None=None, # data set, None for the one the model was trained on
+                   eps:float|None=None, # radius ε of the attacks, None for the model's own (else the protocol's)
+                   variant:str='quick', # protocol variant: same rules, 'quick' with smaller sizes
                    n:int|None=None, # evaluate attributions on the first n correct samples
                    split:str='test', # which split to evaluate on
                    out=None, # write the JSON result here
@@ -72,21 +102,34 @@ def evaluate_saved(model, # path of a `save_model` checkpoint
                    path=None, # data directory
                    bs:int=128, # attack batch size
                    progress:bool=True, # progress bars
-                   **overrides): # protocol settings
-    "Evaluate a saved model on `data`; returns the result dict (and writes it to `out`)."
-    from robust_attr.data import get_arrays, DATASETS
+                   **overrides): # other protocol settings (e.g. `ifia_steps=20`) and evaluation options (`aa_n`, `seed`)
+    "Evaluate a saved model with its data set's protocol, by default on the data set and at the ε it was trained for; print the table, return the result (and write it to `out`)."
+    from robust_attr.data import get_arrays
     from robust_attr.models import load_model
-    from robust_attr.evaluate import evaluate, results_frame, protocol_for
+    from robust_attr.evaluate import evaluate, results_frame, protocol_for, get_protocol, check_evaluation, Protocol
     m = load_model(model)
-    x, y = get_arrays(data, split, path=path)
+    data, eps = evaluation_target(m, data, eps)
     ref = load_model(reference) if reference else None
-    res = evaluate(m, x, y, protocol_for(data), variant=variant, n=n, reference=ref, bs=bs, progress=progress, **overrides)
-    res.update(model_path=str(model), data=data, split=split, meta=getattr(m, 'meta', {}))
+    fields = {f.name for f in dataclasses.fields(Protocol)}
+    _check_settings(overrides, fields | set(inspect.signature(evaluate).parameters) - {'model', 'x', 'y', 'protocol', 'overrides'})
+    p = get_protocol(protocol_for(data), variant, **{k: v for k,v in overrides.items() if k in fields}, **({} if eps is None else dict(eps=eps)))
+    x, y = get_arrays(data, split, path=path)
+    check_evaluation(m, x, y, p)
+    _work_starts()
+    res = evaluate(m, x, y, p, variant=variant, n=n, reference=ref, bs=bs, progress=progress,
+                   **{k: v for k,v in overrides.items() if k not in fields})
+    res.update(model_path=str(model), data=data, split=split, meta=m.meta)
     print(results_frame(res, Path(model).stem).to_string(float_format=lambda v: f'{v:.3f}'))
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(res, indent=1))
     return res
+
+def _check_settings(settings:dict, # names given
+                    known:set): # names accepted
+    "Raise a `ValueError` naming the unknown keys of `settings`."
+    unknown = set(settings) - known
+    if unknown: raise ValueError(f"unknown settings {sorted(unknown)}; settings: {sorted(known)}")
 
 # %% ../nbs/12_cli.ipynb #1b11b6de
 DEMO_PROTOCOL = dict(n=100, ifia_steps=15, ig_steps=16, attack_ig_steps=4, pgd_steps=10)
@@ -98,13 +141,13 @@ def demo(out='robust_attr_demo', # directory for the models, results and figure
          seed:int=0, # seed of the data split, training and attacks
          progress:bool=True): # progress bars and training tables
     "Train natural and AAT models on the bundled digits, evaluate both, print the table, save a figure."
-    import torch
     from fastai.torch_core import set_seed
     from robust_attr.data import get_dls, get_arrays
     from robust_attr.train import robust_learner
-    from robust_attr.models import save_model
-    from robust_attr.evaluate import compare, get_protocol, protocol_attacks, show_attacks
+    from robust_attr.models import save_model, training_meta
+    from robust_attr.evaluate import compare, get_protocol
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    _work_starts()
     start = time.time()
     set_seed(seed)
     dls = get_dls('digits', bs=64, seed=seed)
@@ -113,17 +156,19 @@ def demo(out='robust_attr_demo', # directory for the models, results and figure
         if progress: learn.fit(epochs)
         else:
             with learn.no_bar(), learn.no_logging(): learn.fit(epochs)
-        return learn.model.eval()
+        learn.model.eval()
+        return learn
     nat = fit(robust_learner(dls, 'natural', lr=1e-3), nat_epochs, 'Nat')
-    aat = fit(robust_learner(dls, 'aat', init=nat, lr=1e-3, lam=2.0, eps=0.1, steps=3, ig_steps=5, seed=seed), aat_epochs, 'AAT')
-    save_model(nat, out/'nat.pth', data='digits', method='natural', epochs=nat_epochs, seed=seed)
-    save_model(aat, out/'aat.pth', data='digits', method='aat', epochs=aat_epochs, seed=seed, init='nat.pth')
+    aat = fit(robust_learner(dls, 'aat', init=nat.model, lr=1e-3, lam=2.0, steps=3, ig_steps=5, seed=seed), aat_epochs, 'AAT')
+    save_model(nat.model, out/'nat.pth', **training_meta(nat), epochs=nat_epochs, seed=seed)
+    save_model(aat.model, out/'aat.pth', **training_meta(aat), epochs=aat_epochs, seed=seed, init='nat.pth')
+    models = {'Nat': nat.model, 'AAT': aat.model}
     x, y = get_arrays('digits', 'valid', seed=seed)
     p = get_protocol('digits', 'quick', **(DEMO_PROTOCOL | dict(n=n_eval)))
     print(f"evaluating on {n_eval} correctly classified validation digits: {p}")
-    table, results = compare({'Nat': nat, 'AAT': aat}, x, y, p, seed=seed, progress=progress)
+    table, results = compare(models, x, y, p, seed=seed, progress=progress)
     print(table[['NA', 'AA', 'IN', 'CO', 'n', 'never_moved']].to_string(float_format=lambda v: f'{v:.3f}'))
-    fig = _demo_figure({'Nat': nat, 'AAT': aat}, x, y, p, seed)
+    fig = _demo_figure(models, x, y, p, seed)
     fig.savefig(out/'demo_attacks.png', dpi=110)
     (out/'results.json').write_text(json.dumps(dict(results=results, seconds=time.time()-start), indent=1))
     print(f"saved models, results.json and demo_attacks.png in {out}/ ({time.time()-start:.0f} s)")
@@ -165,59 +210,112 @@ def _demo_figure(models, x, y, protocol, seed, n=3):
 # %% ../nbs/12_cli.ipynb #8c0ac64e
 @functools.cache
 def _params(fn):
-    "`fn`'s parameters with their docments comments and defaults, parsed once per function."
+    "`fn`'s parameters with their docments comments, annotations and defaults, parsed once per function."
     from fastcore.docments import docments
-    return docments(fn, full=True)
+    return docments(fn, full=True, returns=False, eval_str=True, args_kwargs=True)
 
-def _arg(parser, fn, name, **kw):
-    "Add option `--name` for `fn`'s parameter `name`: its docments comment is the help, its default the default."
-    import inspect
-    p = _params(fn)[name]
-    if 'default' not in kw and not kw.get('required') and p['default'] is not inspect.Parameter.empty: kw['default'] = p['default']
-    help = (p['docment'] or '').replace('None for', 'omit for')  # on the command line, None is the absent flag
-    if kw.get('default') is not None and not isinstance(kw.get('default'), bool): help += ' (default: %(default)s)'
-    parser.add_argument('--' + name.replace('_', '-'), help=help, **kw)
+def _type(anno):
+    "The command-line type of an annotation: `int`, `float` or `bool` (also inside `X|None`), else None (a string)."
+    if typing.get_origin(anno) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(anno) if a is not type(None)]
+        anno = args[0] if len(args)==1 else None
+    return anno if anno in (int, float, bool) else None
+
+# %% ../nbs/12_cli.ipynb #b7825f9b
+class RegistryNames(Sequence):
+    "The names of a registry (a dict in a `robust_attr` module), read on first use."
+    def __init__(self, module:str, # the module, e.g. 'robust_attr.data'
+                 registry:str): # the dict's name in it, e.g. 'DATASETS'
+        self.module, self.registry = module, registry
+    @functools.cached_property
+    def names(self): return tuple(getattr(importlib.import_module(self.module), self.registry))
+    def __getitem__(self, i): return self.names[i]
+    def __len__(self): return len(self.names)
+    def __repr__(self): return f"{self.module}.{self.registry}: {', '.join(self.names)}"
+
+CHOICES = dict(data=RegistryNames('robust_attr.data', 'DATASETS'), arch=RegistryNames('robust_attr.models', 'ARCHS'),
+               method=RegistryNames('robust_attr.train', 'METHODS'), variant=('quick', 'full'), split=('train', 'valid', 'test'))
+
+# %% ../nbs/12_cli.ipynb #9a5ec8e5
+def _help(docment:str|None): # a parameter's docments comment
+    "The comment as command-line help: plain text (no markdown backticks), `%` escaped, None spelled as the absent option."
+    return (docment or '').replace('`', '').replace('%', '%%').replace('None for', 'omit for')
+
+def add_options(parser:argparse.ArgumentParser, # the command's parser
+                fn): # the function the command calls
+    "Add one option per parameter of `fn`, and `--set KEY=VALUE` for its `**kwargs`; return `parser`."
+    for name, p in _params(fn).items():
+        if p['kind'] is inspect.Parameter.VAR_KEYWORD:
+            parser.add_argument('--set', action='append', default=[], type=_setting, metavar='KEY=VALUE',
+                                help=_help(p['docment']) + '; values are Python literals (repeatable)')
+            continue
+        kw, t = {}, _type(p['anno'])
+        if t is bool: kw['action'] = argparse.BooleanOptionalAction
+        elif t is not None: kw['type'] = t
+        if p['default'] is inspect.Parameter.empty: kw['required'] = True
+        else: kw['default'] = p['default']
+        help = _help(p['docment'])
+        if name in CHOICES: kw.update(choices=CHOICES[name], metavar=name.upper()); help += '; one of %(choices)s'
+        if kw.get('default') is not None: help += ' (default: %(default)s)'
+        parser.add_argument('--' + name.replace('_', '-'), help=help, **kw)
+    return parser
+
+def _setting(pair:str):
+    "`parse_setting` for argparse: a malformed pair is a usage error."
+    try: return parse_setting(pair)
+    except ValueError as e: raise argparse.ArgumentTypeError(str(e)) from None
+
+# %% ../nbs/12_cli.ipynb #259173b4
+def _one_line(message): return ' '.join(str(message).split())
+
+class OneLineParser(argparse.ArgumentParser):
+    "An `ArgumentParser` that reports a usage error as one line, `prog: error: message`, and exits with status 2."
+    def error(self, message): self.exit(2, f"{self.prog}: error: {_one_line(message)}\n")
+
+# %% ../nbs/12_cli.ipynb #3a8f0772
+COMMANDS = dict(demo=demo, train=train, evaluate=evaluate_saved)
+
+def _first_clause(doc): return doc.split('; ')[0].rstrip('.') + '.'
 
 def _parser():
-    p = argparse.ArgumentParser(prog='robust_attr', description='Attributional robustness for PyTorch and fastai: '
-                                'train models whose explanations survive attacks, and measure it.')
+    "The `robust_attr` parser: one sub-command per function of `COMMANDS`, its options generated from the function."
     from robust_attr import __version__
+    p = OneLineParser(prog='robust_attr', description='Attributional robustness for PyTorch and fastai: '
+                      'train models whose explanations survive attacks, and measure it.')
     p.add_argument('--version', action='version', version=f'robust_attr {__version__}')
     sub = p.add_subparsers(dest='command', metavar='command', required=True)
-    d = sub.add_parser('demo', help='train natural and AAT models on the bundled digits and compare them')
-    _arg(d, demo, 'out')
-    for n in ('nat_epochs', 'aat_epochs', 'n_eval', 'seed'): _arg(d, demo, n, type=int)
-    t = sub.add_parser('train', help='train a model with a robust-attribution method and save it')
-    for n in ('data', 'arch'): _arg(t, train, n)
-    _arg(t, train, 'method', choices=('natural', 'adv', 'ig_norm', 'ig_sum_norm', 'trades', 'art', 'aat', 'adv_aat'))
-    _arg(t, train, 'epochs', type=int); _arg(t, train, 'init')
-    for n in ('n_train', 'n_valid', 'bs', 'seed'): _arg(t, train, n, type=int)
-    _arg(t, train, 'lr', type=float); _arg(t, train, 'path')
-    t.add_argument('--lam', type=float, help="the method's λ (default: the method's own)")
-    t.add_argument('--eps', type=float, help="the attack radius ε (default: the method's own)")
-    t.add_argument('--set', action='append', metavar='KEY=VALUE', help='any other method parameter, as a Python literal')
-    _arg(t, train, 'out', required=True)
-    e = sub.add_parser('evaluate', help="evaluate a saved model with its data set's protocol")
-    _arg(e, evaluate_saved, 'model', required=True); _arg(e, evaluate_saved, 'data', required=True)
-    _arg(e, evaluate_saved, 'variant', choices=('quick', 'full')); _arg(e, evaluate_saved, 'n', type=int)
-    for n in ('split', 'out', 'reference', 'path'): _arg(e, evaluate_saved, n)
-    _arg(e, evaluate_saved, 'bs', type=int)
-    e.add_argument('--set', action='append', metavar='KEY=VALUE', help='override a protocol setting, as a Python literal')
+    for name, fn in COMMANDS.items():
+        add_options(sub.add_parser(name, help=_first_clause(fn.__doc__)[:-1], description=_first_clause(fn.__doc__)), fn)
     return p
 
+# %% ../nbs/12_cli.ipynb #88ccad3a
 def main(argv=None): # arguments (default: `sys.argv[1:]`)
     "The `robust_attr` console script."
-    args = _parser().parse_args(argv)
-    if args.command=='demo':
-        demo(args.out, args.nat_epochs, args.aat_epochs, args.n_eval, args.seed)
-    elif args.command=='train':
-        kw = parse_settings(args.set)
-        if args.lam is not None: kw['lam'] = args.lam
-        if args.eps is not None: kw['eps'] = args.eps
-        train(args.data, args.arch, args.method, args.epochs, args.out, args.init, args.n_train, args.n_valid, args.bs,
-              args.lr, args.seed, args.path, **kw)
-        print(f"saved {args.out}")
-    elif args.command=='evaluate':
-        evaluate_saved(args.model, args.data, args.variant, args.n, args.split, args.out, args.reference, args.path,
-                       args.bs, **parse_settings(args.set))
+    with warnings.catch_warnings():  # other packages' deprecations speak to developers, not to the user of a command
+        for c in (DeprecationWarning, PendingDeprecationWarning, FutureWarning): warnings.filterwarnings('ignore', category=c, module='(?!robust_attr)')
+        return _run(argv)
+
+def _run(argv):
+    "Parse `argv`, call the command's function by keyword, report a user error in one line."
+    parser = _parser()
+    args = vars(parser.parse_args(argv))
+    name = args.pop('command')
+    prog, fn, settings = f'{parser.prog} {name}', COMMANDS[name], dict(args.pop('set', []))
+    own = sorted(set(settings) & set(args))
+    if own: parser.exit(2, f"{prog}: error: {', '.join(own)} {'has an option' if len(own)==1 else 'have options'} of "
+                           f"its own: use {', '.join('--' + k.replace('_', '-') for k in own)}, not --set\n")
+    warnings.showwarning = functools.partial(_warning_line, prog, warnings.showwarning)  # restored by `main`
+    token = _working.set(False)
+    try: fn(**args, **settings)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        if _working.get(): raise
+        parser.exit(2, f"{prog}: error: {_one_line(e)}\n")
+    finally: _working.reset(token)
     return 0
+
+def _warning_line(prog, show, message, category, filename, lineno, file=None, line=None):
+    "Show the library's warnings as `prog: warning: message`, others as Python does."
+    import robust_attr
+    if not Path(filename).resolve().is_relative_to(Path(robust_attr.__file__).resolve().parent):
+        return show(message, category, filename, lineno, file, line)
+    print(f"{prog}: warning: {_one_line(message)}", file=sys.stderr if file is None else file)
