@@ -9,9 +9,10 @@ than one process's batch mean, the parameters then differ in the last bits, and 
 component near zero flips sign in a later attack — after which the runs differ by a whole attack step (observed: one
 pixel of one sample in the third AdvAAT step, parameters 1e-3 apart under Adam). That is float chaos, not a
 distribution bug, so the callback tests run in float64 (differences 1e-17) and compare at 1e-9, while a missing or
-wrong gradient all-reduce moves parameters by 1e-2. Random starts are drawn by `sharded_random_starts` (each process
-keeps its slice of the global batch's noise), so the presets keep their random starts; AAT's IFIA gets one, because at
-the clean input its Pearson objective is flat and its first step would follow the sign of rounding noise.
+wrong gradient all-reduce moves parameters by 1e-2. Random starts are drawn through `sharded_random_starts` (the trainer
+overrides `Attack.random_points` of the learner's attacks, so each process keeps its slice of the global batch's noise),
+so the presets keep their random starts; AAT's IFIA gets one, because at the clean input its Pearson objective is flat
+and its first step would follow the sign of rounding noise.
 """
 import os, shutil, signal, subprocess, sys
 from datetime import timedelta
@@ -91,7 +92,7 @@ def _worker(out:Path):
     for run, name, hook in runs:
         learn = _learner(name, BS)
         if hook is not None: learn.add_cb(_CommHook(hook))
-        with learn.distrib_ctx(kwargs_handlers=timeout): params = _fit(learn)
+        with learn.robust_distrib_ctx(kwargs_handlers=timeout): params = _fit(learn)
         torch.save(params, out/f'{run}_rank{rank_distrib()}.pt')
 
 if __name__=='__main__' and sys.argv[1:2]==['--worker']:
