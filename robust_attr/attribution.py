@@ -281,14 +281,14 @@ def attribution_map(a:Tensor, # `(B, C, H, W)` attributions (any `(B, ...)` with
                     reduce:str|None='sum', # channel reduction: 'sum', 'mean', 'max' or None
                     abs:bool=True, # take |·| first (the protocol does)
                     normalize:bool=True, # scale each map so |map| sums to its number of pixels
-                    eps:float=1e-12): # guards the division for all-zero maps
+                    tiny:float=1e-12): # guards the division for all-zero maps
     "The per-pixel map used for evaluation: |a| → channel reduction → each map sums to its pixel count."
     check_tensor(a, 'a', min_dim=2)
     check_choice(reduce, CHANNEL_REDUCTIONS, 'reduce')
     if abs: a = a.abs()
     if a.dim()==4: a = reduce_channels(a, reduce)
     if not normalize: return a
-    mass = a.abs().flatten(1).sum(1).clamp_min(eps)
+    mass = a.abs().flatten(1).sum(1).clamp_min(tiny)
     return a * as_batch(a[0].numel() / mass, a)
 
 # %% ../nbs/02_attribution.ipynb #7ab44dbd

@@ -50,15 +50,15 @@ def _as_mask(mask, a:Tensor): # mask and the `(B, ...)` map it applies to
 
 def topk_mass(a:Tensor, # batch of maps `(B, ...)`; its absolute value is the mass
               mask:Tensor, # `(B, n)` bool mask (e.g. `topk_mask(clean_map, k)`) or a tensor shaped like `a`
-              eps:float=1e-12): # guards the division for a map with no mass
+              tiny:float=1e-12): # guards the division for a map with no mass
     "Share of `|a|`'s mass on `mask` per sample, `(B,)` in [0, 1]: Ghorbani's top-k objective (IFIA moves down it)."
     m = flatten_maps(a).abs()
-    return (m * _as_mask(mask, a)).sum(1) / m.sum(1).clamp_min(eps)
+    return (m * _as_mask(mask, a)).sum(1) / m.sum(1).clamp_min(tiny)
 
 # %% ../nbs/04_losses.ipynb #f4534ad7
 def center_of_mass(a:Tensor, # maps `(B, H, W)`, or `(B, C, H, W)` whose channels are summed
                    name:str='a', # argument name used in errors
-                   eps:float=1e-12): # guards the division for a map with no mass
+                   tiny:float=1e-12): # guards the division for a map with no mass
     "(row, column) of the centre of mass of `|a|` per sample, `(B, 2)` in pixel units."
     check_tensor(a, name, min_dim=3)
     if a.dim() > 4: raise ValueError(f"`{name}` must be a (B, H, W) or (B, C, H, W) map, got shape {tuple(a.shape)}")
@@ -69,7 +69,7 @@ def center_of_mass(a:Tensor, # maps `(B, H, W)`, or `(B, C, H, W)` whose channel
     total = m.sum((1, 2))[:, None]
     moments = torch.stack([(m.sum(2) * rows).sum(1), (m.sum(1) * cols).sum(1)], 1)
     middle = torch.tensor([(H-1)/2, (W-1)/2], device=m.device, dtype=m.dtype)
-    return torch.where(total > 0, moments / total.clamp_min(eps), middle)
+    return torch.where(total > 0, moments / total.clamp_min(tiny), middle)
 
 def mass_center_shift(a:Tensor, b:Tensor): # maps `(B, H, W)` or `(B, C, H, W)`, same shape
     "Euclidean distance between the centres of mass of `|a|` and `|b|` per sample, `(B,)` in pixels."
@@ -77,9 +77,9 @@ def mass_center_shift(a:Tensor, b:Tensor): # maps `(B, H, W)` or `(B, C, H, W)`,
     return torch.linalg.vector_norm(center_of_mass(a, 'a') - center_of_mass(b, 'b'), dim=1)
 
 # %% ../nbs/04_losses.ipynb #66fcbed8
-def _unit_mass(a:Tensor, eps:float=1e-12): # `(B, n)` maps
+def _unit_mass(a:Tensor, tiny:float=1e-12): # `(B, n)` maps
     "Divide each flattened map by the sum of its absolute values."
-    return a / a.abs().sum(1, keepdim=True).clamp_min(eps)
+    return a / a.abs().sum(1, keepdim=True).clamp_min(tiny)
 
 def targeted_mse(a:Tensor, # batch of maps `(B, ...)`, e.g. the map of the perturbed input
                  target_map:Tensor): # target maps, same shape

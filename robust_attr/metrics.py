@@ -27,16 +27,16 @@ def flatten_maps(a:Tensor, b:Tensor|None=None, # batches of maps with the batch 
 
 # %% ../nbs/03_metrics.ipynb #faec2a1a
 def cosine(a:Tensor, b:Tensor, # batches of maps, same shape
-           eps:float=1e-12): # guards the division for all-zero maps
+           tiny:float=1e-12): # guards the division for all-zero maps
     "Cosine similarity between each pair of flattened maps, `(B,)`."
     a,b = flatten_maps(a, b)
-    return (a*b).sum(1) / (a.norm(dim=1)*b.norm(dim=1)).clamp_min(eps)
+    return (a*b).sum(1) / (a.norm(dim=1)*b.norm(dim=1)).clamp_min(tiny)
 
 def pearson(a:Tensor, b:Tensor, # batches of maps, same shape
-            eps:float=1e-12): # guards the division for constant maps
+            tiny:float=1e-12): # guards the division for constant maps
     "Pearson correlation coefficient between each pair of flattened maps, `(B,)`."
     a,b = flatten_maps(a, b)
-    return cosine(a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True), eps)
+    return cosine(a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True), tiny)
 
 # %% ../nbs/03_metrics.ipynb #de32f9b2
 def check_k(k, n:int, name:str='k'):
