@@ -28,7 +28,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _repro import *
 from robust_attr.evaluate import protocol_attacks
-from robust_attr.metrics import topk_intersection, kendall_tau
 
 ORDER = ('nat',) + FINETUNED
 
@@ -64,22 +63,13 @@ def train_all(b:Budget, seed:int, mdir:Path, reuse:bool=False, log=print):
 # ---------------------------------------------------------------------------------------------------
 
 def attack_figure(models:dict, x, y, protocol, seed:int, path):
-    "Clean and IFIA-attacked IG maps of the first evaluation image, one column per model."
+    "The first evaluation image attacked under every model, a row per model (`widgets.show_outcomes`)."
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    from robust_attr.widgets import attack_outcome, show_outcomes
     _, ifia = protocol_attacks(protocol, seed)
-    fig, axs = plt.subplots(3, len(models), figsize=(1.9*len(models), 6), squeeze=False)
-    for j,(key, m) in enumerate(models.items()):
-        xa = ifia(m, x, y)
-        clean, adv = ifia.measure_map(m, x, y), ifia.measure_map(m, xa, y)
-        inn, co = topk_intersection(clean, adv, protocol.k)[0].item(), kendall_tau(clean, adv)[0].item()
-        vmax = max(clean.max().item(), adv.max().item())
-        panels = [(xa[0, 0], f'{NAMES[key]}\nattacked input', 'gray', 1), (clean[0], 'clean IG', 'inferno', vmax),
-                  (adv[0], f'attacked IG\nIN {inn:.2f} CO {co:.2f}', 'inferno', vmax)]
-        for i,(im, title, cmap, vm) in enumerate(panels):
-            axs[i, j].imshow(im.detach().cpu().numpy(), cmap=cmap, vmin=0, vmax=vm)
-            axs[i, j].set_title(title, fontsize=8); axs[i, j].axis('off')
-    fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+    fig = show_outcomes({NAMES[key]: attack_outcome(m, x[:1], y[:1], ifia, k=protocol.k) for key, m in models.items()})
+    fig.savefig(path, dpi=100); plt.close(fig)
     return path
 
 # ---------------------------------------------------------------------------------------------------

@@ -132,13 +132,14 @@ def show_attack(o:AttackOutcome, # an `attack_outcome` result
 _TENSOR_FIELDS = ('x', 'x_adv', 'y', 'clean', 'adv', 'pred', 'pred_adv', 'IN', 'CO', 'steps')
 
 def show_outcomes(outcomes:dict, # {name: AttackOutcome} of the same samples, same k
-                  i:int=0, # which sample
+                  i:int|list=0, # which sample, or a list of samples (a block of rows each)
                   cmap:str='inferno'): # colormap of the maps
-    "One figure comparing the models' outcomes on sample `i`, a row per model; returns the figure."
-    ks = {o.k for o in outcomes.values()}
+    "One figure comparing the models' outcomes on sample `i` (each of several), a row per model; returns the figure."
+    ks, idx = {o.k for o in outcomes.values()}, [i] if isinstance(i, int) else list(i)
     if len(ks) != 1: raise ValueError(f"the outcomes must share one k, got {sorted(ks)}")
-    rows = AttackOutcome(**{f: torch.cat([getattr(o, f)[i:i+1].cpu() for o in outcomes.values()]) for f in _TENSOR_FIELDS}, k=ks.pop())
-    return show_attack(rows, label=[f'{name}: ' for name in outcomes], n=len(outcomes), cmap=cmap)
+    rows = AttackOutcome(**{f: torch.cat([getattr(o, f)[j:j+1].cpu() for j in idx for o in outcomes.values()]) for f in _TENSOR_FIELDS},
+                         k=ks.pop())
+    return show_attack(rows, label=[f'{name}: ' for _ in idx for name in outcomes], n=len(rows.x), cmap=cmap)
 
 # %% ../nbs/11_widgets.ipynb #977f387d
 def outcome_frame(outcomes:dict, # {name: AttackOutcome}
