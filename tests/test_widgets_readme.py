@@ -2,6 +2,7 @@
 kept in step by hand): this test fails when they drift apart. Links are written relative to the repository root in both."""
 import json, re
 from pathlib import Path
+from robust_attr.evaluate import format_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,9 +36,7 @@ RESULTS = ROOT/'bench'/'results'/'far_table_fashion_mnist.json'
 
 def results_rows(out:dict) -> list[str]:
     "The README's results table rows for the committed `far_table.py --budget quick` run `out`."
-    def cell(r, m, pct=False):
-        f = (lambda v: f'{100*v:.1f}') if pct else (lambda v: f'{v:.2f}')
-        return f"{f(r[m])} [{f(r[m+'_ci'][0])}, {f(r[m+'_ci'][1])}]"
+    def cell(r, m, pct=False): return format_interval(r[m], r[m+'_ci'], pct=pct)
     def paper(k):
         v = out['paper'].get(k, {}).get('FAR')
         return '—' if v is None else f'{v[0]:.1f} / {v[1]:.1f} / {v[2]:.2f} / {v[3]:.2f}'
