@@ -72,11 +72,11 @@ def train(data:str='digits', # data set
     return learn
 
 def _distrib_ctx(learn):
-    "`learn.distrib_ctx()` when launched by `torchrun` or `accelerate launch`, else a no-op."
+    "`learn.robust_distrib_ctx()` when launched by `torchrun` or `accelerate launch`, else a no-op."
     from fastai.torch_core import num_distrib
     if not num_distrib(): return contextlib.nullcontext()
-    import robust_attr.distributed # backend-aware `distrib_ctx`: NCCL on GPUs, gloo on CPUs
-    return learn.distrib_ctx()
+    import robust_attr.distributed # adds the backend-aware `Learner.robust_distrib_ctx`: NCCL on GPUs, gloo on CPUs
+    return learn.robust_distrib_ctx()
 
 # %% ../nbs/12_cli.ipynb #52bab37a
 def evaluation_target(model, # a model returned by `load_model`
@@ -180,13 +180,9 @@ def _demo_figure(models, x, y, protocol, seed, n=3):
     import torch, matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    from robust_attr.evaluate import protocol_attacks, first_correct
+    from robust_attr.evaluate import protocol_attacks, correct_by_all
     from robust_attr.metrics import topk_intersection, kendall_tau
-    from robust_attr.core import eval_mode
-    idx = None
-    for m in models.values():
-        i, _ = first_correct(m, x, y)
-        idx = i if idx is None else idx[torch.isin(idx, i)]
+    idx = correct_by_all(models, x, y)
     cls, inv = torch.unique(y[idx], return_inverse=True)  # the first digit of each class, in data order
     first = torch.full((len(cls),), len(idx)).scatter_reduce(0, inv, torch.arange(len(idx)), 'amin')
     idx = idx[first.sort().values][:n]
