@@ -202,12 +202,13 @@ def table_check(res:dict, table:dict, n:int) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 def cell(r, nd=2): return fmt(r['mean'], r['ci'], nd=nd)
+def esc(label): return label.replace('|', '\\|')  # |IG| inside a markdown table cell
 
 def rows(res:dict, keys:dict, nd=2):
     models = list(res)
     lines = ['| measure | ' + ' | '.join(NAMES[m] for m in models) + ' |', '|---|' + '---|'*len(models)]
     for k, label in keys.items():
-        lines.append(f'| {label} | ' + ' | '.join(cell(res[m][k], nd) for m in models) + ' |')
+        lines.append(f'| {esc(label)} | ' + ' | '.join(cell(res[m][k], nd) for m in models) + ' |')
     return lines
 
 def markdown(out:dict) -> str:
@@ -248,7 +249,7 @@ def markdown(out:dict) -> str:
     for att, label in (('full', 'protocol'), ('object', 'object-only')):
         for k, s in out['shape'][att].items():
             if 'aat' not in s: continue
-            lines.append(f"| {label} | {VARIANTS[k]} | {s['nat']:.2f} | {s['aat']:.2f} | "
+            lines.append(f"| {label} | {esc(VARIANTS[k])} | {s['nat']:.2f} | {s['aat']:.2f} | "
                          f"{fmt(s['aat_minus_nat'], s['aat_minus_nat_ci'], nd=3)} | "
                          f"{'—' if s['closed'] is None else format(100*s['closed'], '.0f') + '%'} | "
                          f"{' > '.join(NAMES[m] for m in s['ranking'])} | "
@@ -269,7 +270,11 @@ def main(argv=None):
     ap.add_argument('--threads', type=int, default=1, help='torch threads (default: %(default)s)')
     ap.add_argument('--seed', type=int, default=42, help="the table's seed (default: %(default)s)")
     ap.add_argument('--out', type=Path, default=RESULTS, help='results directory (default: bench/results)')
+    ap.add_argument('--markdown-only', type=Path, metavar='JSON', help='no attack: rewrite the .md beside a finished run\'s JSON')
     a = ap.parse_args(argv)
+    if a.markdown_only:
+        a.markdown_only.with_suffix('.md').write_text(markdown(json.loads(a.markdown_only.read_text())))
+        return 0
     sys.stdout.reconfigure(line_buffering=True)
     seed_everything(a.seed, a.threads)
     start, env = time.time(), env_info()
