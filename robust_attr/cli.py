@@ -167,7 +167,7 @@ def demo(out='robust_attr_demo', # directory for the models, results and figure
     p = get_protocol('digits', 'quick', **(DEMO_PROTOCOL | dict(n=n_eval)))
     print(f"evaluating on {n_eval} correctly classified validation digits: {p}")
     table, results = compare(models, x, y, p, seed=seed, progress=progress)
-    print(table[['NA', 'AA', 'IN', 'CO', 'n', 'never_moved']].to_string(float_format=lambda v: f'{v:.3f}'))
+    print(table[['NA', 'AA', 'IN', 'CO', 'never_moved', 'n']].to_string(float_format=lambda v: f'{v:.3f}'))
     fig = _demo_figure(models, x, y, p, seed)
     fig.savefig(out/'demo_attacks.png', dpi=110)
     (out/'results.json').write_text(json.dumps(dict(results=results, seconds=time.time()-start), indent=1))
@@ -176,32 +176,17 @@ def demo(out='robust_attr_demo', # directory for the models, results and figure
 
 # %% ../nbs/12_cli.ipynb #d81e3736
 def _demo_figure(models, x, y, protocol, seed, n=3):
-    "One column block per model: clean vs attacked image and IG maps for the same `n` digits."
+    "The same `n` digits (one per class) attacked under each model: a row per model and digit (`widgets.show_outcomes`)."
     import torch, matplotlib
     matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     from robust_attr.evaluate import protocol_attacks, correct_by_all
-    from robust_attr.metrics import topk_intersection, kendall_tau
+    from robust_attr.widgets import attack_outcome, show_outcomes
     idx = correct_by_all(models, x, y)
     cls, inv = torch.unique(y[idx], return_inverse=True)  # the first digit of each class, in data order
     first = torch.full((len(cls),), len(idx)).scatter_reduce(0, inv, torch.arange(len(idx)), 'amin')
     idx = idx[first.sort().values][:n]
-    fig, axs = plt.subplots(n, 4*len(models), figsize=(2*4*len(models), 2.2*n), squeeze=False)
-    for b,(name, m) in enumerate(models.items()):
-        _, ifia = protocol_attacks(protocol, seed)
-        xa = ifia(m, x[idx], y[idx])
-        clean, adv = ifia.measure_map(m, x[idx], y[idx]), ifia.measure_map(m, xa, y[idx])
-        inn, co = topk_intersection(clean, adv, protocol.k), kendall_tau(clean, adv)
-        for i in range(len(idx)):
-            vmax = max(clean[i].max().item(), adv[i].max().item())
-            panels = [(x[idx[i]][0], f'{name}: clean'), (xa[i][0], f'{name}: attacked'),
-                      (clean[i], 'IG map'), (adv[i], f'IN {inn[i]:.2f} CO {co[i]:.2f}')]
-            for j,(im, title) in enumerate(panels):
-                ax = axs[i, 4*b+j]
-                ax.imshow(im.detach().cpu().numpy(), cmap='gray' if j < 2 else 'inferno', vmin=0, vmax=None if j < 2 else vmax)
-                ax.set_title(title, fontsize=8); ax.axis('off')
-    fig.tight_layout()
-    return fig
+    _, ifia = protocol_attacks(protocol, seed)
+    return show_outcomes({name: attack_outcome(m, x[idx], y[idx], ifia, k=protocol.k) for name, m in models.items()}, i=range(len(idx)))
 
 # %% ../nbs/12_cli.ipynb #8c0ac64e
 @functools.cache
