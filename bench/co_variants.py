@@ -28,7 +28,7 @@ between models (AAT − Nat) are paired over images. Writes bench/results/co_var
 (`--smoke`: co_variants_smoke.*).
 """
 from __future__ import annotations
-import argparse, json, sys, time
+import argparse, copy, json, sys, time
 from dataclasses import asdict
 from pathlib import Path
 import torch
@@ -65,11 +65,11 @@ class ObjectIFIA(IFIA):
         return super().ascent_objective(model, ctx['x'] + ctx['object'] * (x_adv - ctx['x']), y, ctx)
 
 def object_ifia(p, seed:int, internal_batch_size:int|None=256):
-    "The protocol's IFIA (`protocol_attacks`), object-constrained."
+    "The protocol's IFIA (`protocol_attacks`), object-constrained: the same attack object, every setting kept."
     _, ifia = protocol_attacks(p, seed, internal_batch_size)
-    kw = {k: getattr(ifia, k) for k in ('k', 'ig_steps', 'attack_ig_steps', 'beta', 'smooth', 'reduce', 'restarts',
-                                         'seed', 'internal_batch_size')}
-    return ObjectIFIA(ifia.eps, ifia.step_size, ifia.steps, **kw)
+    obj = copy.copy(ifia)
+    obj.__class__ = ObjectIFIA
+    return obj
 
 # ---------------------------------------------------------------------------------------------------
 # Measures on one batch of (clean, attacked) maps
