@@ -16,7 +16,7 @@ from fastai.torch_core import set_seed
 from robust_attr.data import get_dls, get_arrays, write_idx, IDX_FILES
 from robust_attr.train import robust_learner, METHODS, SaliencyMatchCallback
 from robust_attr.models import SmallCNN, save_model, load_model, init_weights
-from robust_attr.evaluate import evaluate, get_protocol, protocol_attacks, robust_accuracy, bootstrap_ci, correct_by_all
+from robust_attr.evaluate import evaluate, get_protocol, protocol_attacks, robust_accuracy, bootstrap_ci, correct_by_all, format_interval
 from robust_attr.core import eval_mode
 from robust_attr.attacks import PGD
 
@@ -306,11 +306,7 @@ def eval_seconds(c:dict, b:Budget, n:int, ifia_steps:int|None=None, aa:bool=True
 # Formatting
 # ---------------------------------------------------------------------------------------------------
 
-def fmt(v, c=None, pct=False, nd=2):
-    "`v [lo, hi]`, in % when `pct`."
-    if v is None: return '—'
-    s = (lambda t: f'{100*t:.1f}') if pct else (lambda t: f'{t:.{nd}f}')
-    return s(v) if c is None else f'{s(v)} [{s(c[0])}, {s(c[1])}]'
+fmt = format_interval  # `v [lo, hi]`, in % when `pct`
 
 def write_json(path, obj):
     Path(path).parent.mkdir(parents=True, exist_ok=True)

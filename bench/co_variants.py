@@ -201,7 +201,7 @@ def table_check(res:dict, table:dict, n:int) -> dict:
 # Writing
 # ---------------------------------------------------------------------------------------------------
 
-def cell(r, nd=2): return fmt(r['mean'], r['ci'], nd=nd)
+def cell(r, nd=2): return fmt(r['mean'], r['ci'], digits=nd)
 def esc(label): return label.replace('|', '\\|')  # |IG| inside a markdown table cell
 
 def rows(res:dict, keys:dict, nd=2):
@@ -219,7 +219,7 @@ def markdown(out:dict) -> str:
     lines += [f"Command: `{e['command']}` — {e['date']}", '',
               f"Models: `{out['models_dir']}` (the quick table's). Images: the first {out['n']} of the table's "
               f"{out['table_n']} (`{out['eval_set']}`), every one classified correctly by every model. Attack: the table's "
-              f"IFIA — PROTOCOL.md quick variant, ε={p['eps']}, {p['ifia_steps']} steps of {p['ifia_step_size']}, top-"
+              f"IFIA — the evaluation protocol's (nbs/protocol.ipynb) quick variant, ε={p['eps']}, {p['ifia_steps']} steps of {p['ifia_step_size']}, top-"
               f"{p['attack_k']} attack, IG {p['ig_steps']} points measured / {p['attack_ig_steps']} attacked on softplus(β="
               f"{p['beta']}), lowest-Kendall valid iterate, seed {out['seed']}, batches of {BS}. "
               f"{100*out['object_share']:.0f}% of the images' pixels are object (x > 0); the rest is background (x = 0), "
@@ -250,7 +250,7 @@ def markdown(out:dict) -> str:
         for k, s in out['shape'][att].items():
             if 'aat' not in s: continue
             lines.append(f"| {label} | {esc(VARIANTS[k])} | {s['nat']:.2f} | {s['aat']:.2f} | "
-                         f"{fmt(s['aat_minus_nat'], s['aat_minus_nat_ci'], nd=3)} | "
+                         f"{fmt(s['aat_minus_nat'], s['aat_minus_nat_ci'], digits=3)} | "
                          f"{'—' if s['closed'] is None else format(100*s['closed'], '.0f') + '%'} | "
                          f"{' > '.join(NAMES[m] for m in s['ranking'])} | "
                          f"{'—' if s.get('kendall_with_far') is None else format(s['kendall_with_far'], '.2f')} |")

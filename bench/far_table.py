@@ -101,7 +101,7 @@ def markdown(out:dict):
               '|---|---|---|---|---|---|---|---|---|']
     for key, r in res.items():
         d = out['paired'].get(key, {})
-        lines.append(f"| {NAMES[key]} | {fmt(d.get('dIN'), d.get('dIN_ci'), nd=3)} | {fmt(d.get('dCO'), d.get('dCO_ci'), nd=3)} | "
+        lines.append(f"| {NAMES[key]} | {fmt(d.get('dIN'), d.get('dIN_ci'), digits=3)} | {fmt(d.get('dCO'), d.get('dCO_ci'), digits=3)} | "
                      f"{fmt(r['spearman'], r['spearman_ci'])} | {fmt(r.get('AA_topk'), r.get('AA_topk_ci'))} | "
                      f"{fmt(r.get('AA_kendall'), r.get('AA_kendall_ci'))} | {r['never_moved']}/{r['n']} | "
                      f"{out['training'][key].get('seconds', '—')} | {r['seconds']} |")
