@@ -158,7 +158,7 @@ def first_correct(model, x, y, n:int|None=None, bs:int=256):
     correct = correct[:n]
     return correct, int(correct[-1]) + 1
 
-# %% ../nbs/09_evaluate.ipynb #9691767b
+# %% ../nbs/09_evaluate.ipynb #943aac78
 def correct_by_all(models, # {name: model} or a list of models
                    x:Tensor, y:Tensor, # the evaluation set
                    n:int|None=None, # how many indices at most (None: all)
@@ -276,7 +276,7 @@ def bootstrap_ci(values, # per-sample values
     lo, hi = torch.quantile(means, torch.tensor([(1-level)/2, (1+level)/2], dtype=torch.float64))
     return lo.item(), hi.item()
 
-# %% ../nbs/09_evaluate.ipynb #d4823412
+# %% ../nbs/09_evaluate.ipynb #58c161b3
 def format_interval(value, # a mean, or None
                     interval=None, # its `(low, high)` interval, or None
                     pct:bool=False, # show as a percentage with one decimal
