@@ -403,7 +403,7 @@ def localization_arrays(name:str='synthetic', # 'synthetic', 'synthetic_rgb', 'c
                         foreground=FLOWERS17_FOREGROUND): # Flowers-17: the object's colours
     "`(x, y, masks, boxes)` of a split with localization ground truth (`masks` None for CUB-200)."
     check_choice(name, LOCALIZATION_DATA, 'name')
-    if name.startswith('synthetic'): return get_arrays(name, split, path, n, seed, size, with_masks=True)
+    if name.startswith('synthetic'): return get_arrays(name, split, path=path, n=n, seed=seed, size=size, with_masks=True)
     size = size or DATASETS[name].size
     ds = get_dataset(name, split, path, None if name == 'flowers17' else n, seed, size)
     files = ds.files if isinstance(ds, ImageFiles) else [ds.dataset.files[i] for i in ds.indices]
