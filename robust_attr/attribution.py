@@ -47,6 +47,12 @@ def _leaf(t:Tensor):
     "`t` if autograd already tracks it, else a detached copy that requires grad (the caller's tensor is untouched)."
     return t if t.requires_grad else t.detach().requires_grad_()
 
+def _finite(a:Tensor):
+    "`a`, checked to be finite: a NaN or inf map means the model's outputs were not finite."
+    if not torch.isfinite(a).all():
+        raise ValueError("the attribution contains NaN or inf: the model's outputs (logits) are not finite at these inputs")
+    return a
+
 def _score_grad(model, points, target, of, create_graph):
     "∇ of `output_score` at every row of `points`: one forward and one backward pass."
     points = _leaf(points)
@@ -62,7 +68,7 @@ def gradient(model:nn.Module, # classifier returning `(B, n_classes)` logits
     "Input gradient ∇ₓ of the target's logit (probability, loss), shaped like `x`."
     x, target = _prepare(model, x, target, of, create_graph)
     with eval_mode(model), torch.enable_grad():
-        return _score_grad(model, x, target, of, create_graph)
+        return _finite(_score_grad(model, x, target, of, create_graph))
 
 def saliency(model:nn.Module, # classifier returning `(B, n_classes)` logits
              x:Tensor, # `(B, ...)` batch in [0, 1]
@@ -122,7 +128,7 @@ def _integrate(n_draws:int, # draws per sample
         v = v * coef
         part = v.new_zeros((batch_size, *v.shape[1:])).index_add(0, b, v)
         total = part if total is None else total + part
-    return total
+    return _finite(total)
 
 # %% ../nbs/02_attribution.ipynb #e2990a83
 def _baseline(baseline, x:Tensor, name:str='baseline'):
@@ -130,8 +136,11 @@ def _baseline(baseline, x:Tensor, name:str='baseline'):
     if baseline is None: return torch.zeros_like(x)
     if not isinstance(baseline, Tensor):
         check_number(baseline, name)
+        if not BOX[0] <= baseline <= BOX[1]: raise ValueError(f"`{name}` must lie in [{BOX[0]}, {BOX[1]}] (pixel space), got {baseline}")
         return torch.full_like(x, float(baseline))
-    check_tensor(baseline, name)
+    check_tensor(baseline, name, min_dim=0)
+    if baseline.numel() and (baseline.min() < BOX[0] - 1e-6 or baseline.max() > BOX[1] + 1e-6):
+        raise ValueError(f"`{name}` must lie in [{BOX[0]}, {BOX[1]}] (pixel space), got values in [{baseline.min():.4g}, {baseline.max():.4g}]")
     try: shape = torch.broadcast_shapes(baseline.shape, x.shape)
     except RuntimeError: shape = None
     if shape != x.shape:
