@@ -51,6 +51,7 @@ class Attack:
         self.steps = check_number(steps, 'steps', min=0, integer=True)
         self.restarts = check_number(restarts, 'restarts', min=1, integer=True)
         self.norm = check_choice(norm, NORMS, 'norm')
+        if seed is not None: check_number(seed, 'seed', min=0, integer=True)
         store_attr('random_start,box,progress,seed')
 
     @property
@@ -83,9 +84,9 @@ class Attack:
         "Attack the batch `x`; returns the selected iterates (and the per-sample `AttackRecord`)."
         x = check_images(x, box=self.box).detach()
         model = unwrap_model(model)
+        y = check_targets(y, len(x), check_model(model, x), device=x.device, name='y')
         gen = self._generator(x.device)
         with eval_mode(model, requires_grad=False), torch.enable_grad():
-            y = check_targets(y, len(x), _logits(model, x[:1]).shape[1], device=x.device, name='y')
             ctx = self.prepare(model, x, y, **context)
             best = dict(x=x.clone(), score=self.clean_score(model, x, y, ctx).float(),
                         valid=torch.ones(len(x), dtype=torch.bool, device=x.device),

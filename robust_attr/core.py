@@ -14,7 +14,8 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['NORMS', 'BOX', 'CHANNEL_REDUCTIONS', 'check_choice', 'check_number', 'check_tensor', 'check_images', 'check_targets',
            'check_logits', 'check_same_shape', 'as_batch', 'per_sample_norm', 'clamp_box', 'project_linf', 'project_l2',
-           'project', 'normalize_step', 'random_start', 'ThreatModel', 'reduce_channels', 'eval_mode', 'model_device']
+           'project', 'normalize_step', 'random_start', 'ThreatModel', 'reduce_channels', 'eval_mode', 'model_device',
+           'check_model']
 
 # %% ../nbs/00_core.ipynb #24dae6a2
 NORMS = ('linf', 'l2')
@@ -240,3 +241,18 @@ def model_device(model:nn.Module): # the model
     for t in model.parameters(): return t.device
     for t in model.buffers(): return t.device
     return torch.device('cpu')
+
+# %% ../nbs/00_core.ipynb #5d6b5c7c
+def check_model(model, # the classifier
+                x:Tensor, # a batch it will be run on
+                name:str='model'): # argument name used in the error
+    "Run `model` on one sample of `x` (eval mode, no gradients) and return its number of classes, or raise a clear error."
+    if not isinstance(model, nn.Module): raise TypeError(f"`{name}` must be an nn.Module, got {type(model).__name__}")
+    try:
+        with torch.no_grad(), eval_mode(model): out = model(x[:1])
+    except RuntimeError as e:
+        raise ValueError(f"`{name}` cannot take inputs shaped {tuple(x.shape[1:])} (a wrong channel count or image size?): "
+                         f"{str(e).splitlines()[0]}") from e
+    out = check_logits(out, 1, f'`{name}` output')
+    if not torch.isfinite(out).all(): raise ValueError(f"`{name}` returns NaN or inf on these inputs")
+    return out.shape[1]

@@ -173,8 +173,7 @@ def check_evaluation(model:nn.Module, x:Tensor, y, # the classifier and the eval
                      p:Protocol): # the protocol
     "Validate `x`, `y` and `p` against each other and the model's output; return `y` as a `(B,)` tensor."
     check_images(x)
-    with torch.no_grad(), eval_mode(model): n_classes = check_logits(model(x[:1]), 1).shape[1]
-    y = check_targets(y, len(x), n_classes, device=x.device, name='y')
+    y = check_targets(y, len(x), check_model(model, x), device=x.device, name='y')
     pixels = x[0].numel() if (p.reduce is None or x.dim() < 4) else x[0, 0].numel()
     check_k(p.k, pixels, 'k'); check_k(p.attack_k, pixels, 'attack_k')
     return y
@@ -223,14 +222,18 @@ def evaluate(model:nn.Module, # the classifier, taking [0,1] inputs
     "Evaluate `model` on `(x, y)` under `protocol`: NA, AA, IN, CO, Spearman, AA-metrics, counts, settings, time."
     start = time.time()
     p = get_protocol(protocol, variant, **({} if n is None else dict(n=n)), **overrides)
+    bs = check_number(bs, 'bs', min=1, integer=True)
+    if aa_n is not None: aa_n = check_number(aa_n, 'aa_n', min=1, integer=True)
+    if seed is not None: check_number(seed, 'seed', min=0, integer=True)
     model = unwrap_model(model)
     y = check_evaluation(model, x, y, p)
     warn_other_threat(model, p)
+    idx, tried = first_correct(model, x, y, p.n, bs)
+    if not len(idx): raise ValueError(f"`model` classifies none of the {len(x)} samples correctly: IN and CO are measured on correctly classified samples")
     pgd, ifia = protocol_attacks(p, seed, internal_batch_size)
     res = dict(model=type(model).__name__, NA=(_predict(model, x, bs) == y).float().mean().item())
     if aa: res['AA'] = robust_accuracy(model, x[:aa_n], y[:aa_n], pgd, bs, progress).float().mean().item()
     if localization: res |= localization_metrics(model, x, y, masks, boxes, bs=bs, **(localization if isinstance(localization, dict) else {}))
-    idx, tried = first_correct(model, x, y, p.n, bs)
     per = {k: [] for k in ('IN', 'CO', 'spearman', 'moved', 'steps', 'flat') + (('AA_topk', 'AA_kendall', 'AA_spearman') if reference is not None else ())}
     for i in _batches(len(idx), bs, progress, 'IFIA'):
         j = idx[i:i+bs]
