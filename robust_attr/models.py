@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_models.ipynb #f971fbcd
 from __future__ import annotations
-import math, numbers, pickle
+import hashlib, math, numbers, pickle, threading, zipfile
 from dataclasses import asdict
 from pathlib import Path
 import torch
@@ -14,10 +14,10 @@ from torch import Tensor
 from .core import *
 
 # %% auto #0
-__all__ = ['ARCHS', 'INIT_SCHEMES', 'CHECKPOINT_FORMAT', 'Normalize', 'PerImageStandardize', 'input_layer', 'SmallCNN',
-           'count_relus', 'check_relus', 'MadryResidualUnit', 'MadryResNet', 'WideBasicBlock', 'WideResNet',
-           'LinearModel', 'get_model', 'arch_name', 'init_weights', 'check_storable', 'save_model', 'load_model',
-           'training_meta', 'checkpoint_threat']
+__all__ = ['ARCHS', 'INIT_SCHEMES', 'CHECKPOINT_FORMAT', 'READABLE_FORMATS', 'Normalize', 'PerImageStandardize', 'input_layer',
+           'SmallCNN', 'count_relus', 'check_relus', 'MadryResidualUnit', 'MadryResNet', 'WideBasicBlock', 'WideResNet',
+           'LinearModel', 'get_model', 'arch_name', 'init_weights', 'check_storable', 'checkpoint_hash', 'save_model',
+           'load_model', 'training_meta', 'checkpoint_threat']
 
 # %% ../nbs/06_models.ipynb #2804cb41
 class Normalize(nn.Module):
@@ -220,7 +220,8 @@ def init_weights(model:nn.Module, # the model to re-initialize in place
     return model
 
 # %% ../nbs/06_models.ipynb #bbd2bfce
-CHECKPOINT_FORMAT = 'robust_attr.model/1'
+CHECKPOINT_FORMAT = 'robust_attr.model/2'
+READABLE_FORMATS = ('robust_attr.model/1', CHECKPOINT_FORMAT)  # format 1: the same dict without `sha256`
 
 def check_storable(obj, # value to store in a checkpoint
                    name:str='meta'): # its name, for the error
@@ -236,19 +237,40 @@ def check_storable(obj, # value to store in a checkpoint
                           "a tensor, str, number, bool, None, list, tuple or dict")
     return obj
 
+# %% ../nbs/06_models.ipynb #a7c1e0d2
+def _feed(h, obj): # a `hashlib` hash; tensors and plain data
+    "Feed `obj` to `h`, each value tagged with its type and each container with its length, so no two values collide."
+    if isinstance(obj, Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)};".encode())
+        h.update(memoryview(t.view(torch.uint8).numpy()))
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)};".encode())
+        for k in sorted(obj): _feed(h, k); _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)};".encode())
+        for o in obj: _feed(h, o)
+    else: h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+def checkpoint_hash(obj): # a checkpoint entry: state dict, `arch_kwargs`, `meta`, ... (as `check_storable` allows)
+    "SHA-256 hex digest of `obj`'s content: tensors by dtype, shape and bytes, dicts in sorted key order."
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
 # %% ../nbs/06_models.ipynb #4fce3ae4
 def save_model(model:nn.Module, # a model built from `ARCHS`
                path, # file to write
                **meta): # metadata to keep beside the weights (data set, threat model, method, settings, epochs, ...)
-    "Save `model`'s architecture name, constructor arguments, state dict and `meta` to `path`; return the path."
+    "Save `model`'s architecture name, constructor arguments, state dict, `meta` and their hashes to `path`; return the path."
     name = arch_name(model)
     kwargs = check_storable(dict(model.arch_kwargs), 'arch_kwargs')
     if 'threat' in meta: meta['threat'] = _threat_record(meta['threat'])
     check_storable(meta, 'meta')
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k,v in model.state_dict().items()}
-    torch.save(dict(format=CHECKPOINT_FORMAT, arch=name, arch_kwargs=kwargs, state_dict=state, meta=meta), path)
+    ckpt = dict(arch=name, arch_kwargs=kwargs, state_dict={k: v.detach().cpu() for k,v in model.state_dict().items()}, meta=meta)
+    torch.save(dict(format=CHECKPOINT_FORMAT, **ckpt, sha256={k: checkpoint_hash(v) for k,v in ckpt.items()}), path)
     return path
 
 def _threat_record(threat): # a `ThreatModel` or its `asdict`
@@ -256,17 +278,104 @@ def _threat_record(threat): # a `ThreatModel` or its `asdict`
     return asdict(threat if isinstance(threat, ThreatModel) else ThreatModel(**threat))
 
 # %% ../nbs/06_models.ipynb #b9479b50
+def _first_line(e): return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+def _check_container(path:Path): # an existing file
+    "Raise `ValueError` unless `path` is a whole zip of uncompressed entries whose checksums hold, as `torch.save` writes."
+    with open(path, 'rb') as f: head = f.read(4)
+    if not head: raise ValueError(f"{path} is empty (0 bytes): not a robust_attr checkpoint")
+    if head != b'PK\x03\x04':
+        raise ValueError(f"{path} is not a robust_attr checkpoint: it is not a file written by `torch.save` "
+                         f"(it starts with {head!r}, not a zip header)")
+    try: z = zipfile.ZipFile(path)
+    except Exception as e:
+        raise ValueError(f"{path} is truncated or damaged: it starts like a `torch.save` file but its zip "
+                         f"directory is missing or unreadable ({_first_line(e)})") from None
+    with z:
+        packed = [i.filename for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED]
+        if packed: raise ValueError(f"{path} is not a robust_attr checkpoint: its entry {packed[0]!r} is compressed, "
+                                    "which `torch.save` never does")
+        try: bad = z.testzip()
+        except Exception as e: bad = _first_line(e)
+    if bad: raise ValueError(f"{path} is corrupted: its zip entry {bad!r} fails its checksum (bytes changed after saving)")
+
+# %% ../nbs/06_models.ipynb #c9e3a2f4
+_HASHED = dict(state_dict='weights (`state_dict`) do', arch='architecture name (`arch`) does',
+               arch_kwargs='architecture arguments (`arch_kwargs`) do', meta='metadata (`meta`) does')
+
+def _what(obj): # what `torch.load` returned
+    "A few words on a foreign torch file's content."
+    if isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, Tensor) for k,v in obj.items()):
+        return "a bare state_dict (build the model and call its `load_state_dict`)"
+    return f"a {type(obj).__name__}" + (f" with keys {sorted(map(str, obj))[:5]}" if isinstance(obj, dict) else "")
+
+def _check_entries(ckpt, path:Path):
+    "Raise `ValueError` unless `ckpt` is a `save_model` dict of a readable format whose hashes (format 2) hold."
+    if not isinstance(ckpt, dict) or 'format' not in ckpt:
+        raise ValueError(f"{path} is not a robust_attr checkpoint: it holds {_what(ckpt)}, not the dict `save_model` writes")
+    if ckpt['format'] not in READABLE_FORMATS:
+        raise ValueError(f"{path} has checkpoint format {ckpt['format']!r}; this version of robust_attr reads {READABLE_FORMATS}")
+    try:
+        if not isinstance(ckpt.get('arch'), str): raise TypeError("`arch` is not a string")
+        check_storable(ckpt.get('arch_kwargs'), 'arch_kwargs'); check_storable(ckpt.get('meta'), 'meta')
+        if not isinstance(ckpt.get('arch_kwargs'), dict) or not isinstance(ckpt.get('meta'), dict): raise TypeError("`arch_kwargs` and `meta` must be dicts")
+        sd = ckpt.get('state_dict')
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k,v in sd.items()):
+            raise TypeError("`state_dict` must map names to tensors")
+    except TypeError as e: raise ValueError(f"{path} is a malformed robust_attr checkpoint: {e}") from None
+    if ckpt['format'] == 'robust_attr.model/1': return ckpt  # written before hashes existed: nothing to check against
+    stored = ckpt.get('sha256')
+    for k,what in _HASHED.items():
+        if not isinstance(stored, dict) or stored.get(k) != checkpoint_hash(ckpt[k]):
+            raise ValueError(f"{path}: its {what} not match the hash stored at save time: the file is corrupted or was modified")
+    return ckpt
+
 def _read_checkpoint(path:Path, map_location):
-    "The checkpoint dict at `path`, read without unpickling arbitrary objects."
+    "The checkpoint dict at `path`, checked whole and unchanged, read without unpickling arbitrary objects."
     if not path.is_file(): raise FileNotFoundError(f"no model checkpoint at {path}")
+    _check_container(path)
     try: ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path} holds objects other than tensors and plain data, refusing to unpickle it "
                          f"(only files written by `save_model` can be loaded): {e}") from None
-    if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a `save_model` checkpoint (format {CHECKPOINT_FORMAT!r})")
-    return ckpt
+    except Exception as e: raise ValueError(f"{path} is damaged: torch cannot read it ({_first_line(e)})") from None
+    return _check_entries(ckpt, path)
 
+# %% ../nbs/06_models.ipynb #d0f4b3a5
+class _TooBig(Exception): pass
+
+def _kwargs_str(kwargs): return ', '.join(f"{k}={v!r}" for k,v in kwargs.items()).replace('\n', ' ')
+
+def _meta_model(arch:str, kwargs:dict, max_modules:int, path:Path):
+    "`ARCHS[arch](**kwargs)` built on the meta device (no memory), refused past `max_modules` modules."
+    n, me = 0, threading.get_ident()
+    def count(parent, name, module):
+        nonlocal n
+        if threading.get_ident() != me: return
+        n += 1
+        if n > max_modules: raise _TooBig()
+    handle = nn.modules.module.register_module_module_registration_hook(count)
+    try:
+        with torch.device('meta'): return ARCHS[arch](**kwargs)
+    except _TooBig:
+        raise ValueError(f"{path}: its `arch_kwargs` ({_kwargs_str(kwargs)}) make a {arch} of more than {max_modules} "
+                         "modules, more than its tensors could fill") from None
+    except Exception as e:
+        raise ValueError(f"{path}: its `arch_kwargs` ({_kwargs_str(kwargs)}) cannot build a {arch}: {_first_line(e)}") from None
+    finally: handle.remove()
+
+def _check_shapes(arch:str, kwargs:dict, state:dict, path:Path):
+    "Raise `ValueError` unless `ARCHS[arch](**kwargs)` holds exactly `state`'s names and shapes; allocates nothing."
+    model = _meta_model(arch, kwargs, 4*len(state) + 64, path)
+    want, have = {k: tuple(v.shape) for k,v in model.state_dict().items()}, {k: tuple(v.shape) for k,v in state.items()}
+    if want == have: return
+    key = next((k for k in want if want[k] != have.get(k)), None) or next(k for k in have if k not in want)
+    size = lambda d: sum(math.prod(s) for s in d.values())
+    raise ValueError(f"{path}: its `arch_kwargs` ({_kwargs_str(kwargs)}) do not fit its weights: they make a {arch} "
+                     f"with `{key}` of shape {want.get(key, 'none')} where the file holds {have.get(key, 'none')} "
+                     f"({size(want):,} values against the file's {size(have):,})")
+
+# %% ../nbs/06_models.ipynb #f2b6d5c7
 def load_model(path, # file written by `save_model`
                map_location='cpu'): # device (or `torch.load` map) for the weights
     "Rebuild the model saved at `path`, in eval mode, with its metadata as `model.meta`."
@@ -274,6 +383,7 @@ def load_model(path, # file written by `save_model`
     ckpt = _read_checkpoint(path, map_location)
     if ckpt['arch'] not in ARCHS:
         raise ValueError(f"{path} holds an unknown architecture {ckpt['arch']!r}; `ARCHS` holds {tuple(ARCHS)}")
+    _check_shapes(ckpt['arch'], ckpt['arch_kwargs'], ckpt['state_dict'], path)
     model = ARCHS[ckpt['arch']](**ckpt['arch_kwargs'])
     model.load_state_dict(ckpt['state_dict'])
     if isinstance(map_location, (str, torch.device)): model.to(map_location)
