@@ -247,7 +247,7 @@ class IFIA(Attack):
         self.k = check_number(k, 'k', min=1, integer=True)
         self.select = check_choice(select, IFIA_SELECT, 'select')
         if objective not in ('topk', 'mass_center'): self._dissimilarity = get_dissimilarity(objective)
-        self.spec = spec or MapSpec(attribution, attack_ig_steps, smooth=smooth, beta=beta,
+        self.spec = spec or MapSpec(attribution, check_number(attack_ig_steps, 'attack_ig_steps', min=1, integer=True), smooth=smooth, beta=beta,
                                     internal_batch_size=internal_batch_size, **map_options)
         self.measure_spec = MapSpec(self.spec.attribution if measure is None else measure, check_number(ig_steps, 'ig_steps', min=1, integer=True),
                                     ig_method=self.spec.ig_method, reduce=self.spec.reduce, abs=self.spec.abs,

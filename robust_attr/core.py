@@ -83,6 +83,8 @@ def check_targets(target, # class indices: an int, or a (B,) integer tensor
                   name:str='target'): # argument name used in the error
     "Return `target` as a `(B,)` long tensor on `device`, raising clear errors for bad labels."
     if isinstance(target, numbers.Integral) and not isinstance(target, bool):
+        hi = 2**62 if n_classes is None else n_classes
+        if not 0 <= target < hi: raise ValueError(f"`{name}` must be in [0, {hi-1}], got {target}")
         target = torch.full((batch_size,), int(target), dtype=torch.long)
     if not isinstance(target, Tensor): raise TypeError(f"`{name}` must be an int or a tensor of class indices, got {type(target).__name__}")
     if target.is_floating_point() or target.dtype==torch.bool:

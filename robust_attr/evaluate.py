@@ -114,7 +114,7 @@ def get_protocol(name:str|Protocol='fashion_mnist', # a preset name (see `PROTOC
 
 def _steps_following_eps(p:Protocol, overrides:dict):
     "The step sizes of `p` scaled to a new (non-zero) ε, unless `overrides` sets them."
-    eps = overrides.get('eps', p.eps)
+    eps = check_number(overrides.get('eps', p.eps), 'eps', min=0)
     if eps == p.eps or not eps or not p.eps: return {}
     return {f: getattr(p, f) * eps / p.eps for f in ('ifia_step_size', 'pgd_step_size') if f not in overrides}
 
@@ -229,7 +229,8 @@ def evaluate(model:nn.Module, # the classifier, taking [0,1] inputs
     y = check_evaluation(model, x, y, p)
     warn_other_threat(model, p)
     idx, tried = first_correct(model, x, y, p.n, bs)
-    if not len(idx): raise ValueError(f"`model` classifies none of the {len(x)} samples correctly: IN and CO are measured on correctly classified samples")
+    if not len(idx): warnings.warn(f"the model classifies none of the {len(x)} samples correctly: IN and CO, measured on correctly "
+                                   "classified samples only, are undefined (NaN)", UserWarning, stacklevel=2)
     pgd, ifia = protocol_attacks(p, seed, internal_batch_size)
     res = dict(model=type(model).__name__, NA=(_predict(model, x, bs) == y).float().mean().item())
     if aa: res['AA'] = robust_accuracy(model, x[:aa_n], y[:aa_n], pgd, bs, progress).float().mean().item()
