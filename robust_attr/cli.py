@@ -4,13 +4,15 @@
 
 # %% ../nbs/12_cli.ipynb #a28a8d43
 from __future__ import annotations
-import argparse, ast, contextlib, contextvars, dataclasses, functools, importlib, inspect, json, sys, time, types, typing, warnings
+import argparse, ast, contextlib, contextvars, dataclasses, functools, importlib, inspect, json, math, numbers, os, sys, time, types, typing, warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['DEMO_PROTOCOL', 'CHOICES', 'COMMANDS', 'parse_setting', 'parse_settings', 'train', 'evaluation_target',
-           'evaluate_saved', 'demo', 'RegistryNames', 'add_options', 'OneLineParser', 'main']
+__all__ = ['LEGEND', 'DEMO_PROTOCOL', 'CHOICES', 'COMMANDS', 'parse_setting', 'parse_settings', 'positive', 'at_least', 'one_of',
+           'output_file', 'output_dir', 'checkpoint', 'check_args', 'option', 'checked', 'train', 'evaluation_target',
+           'legend', 'protocol_lines', 'report', 'evaluate_saved', 'demo', 'RegistryNames', 'add_options',
+           'OneLineParser', 'main']
 
 # %% ../nbs/12_cli.ipynb #b8bc284d
 def parse_setting(pair:str): # a `key=value` string
@@ -32,7 +34,93 @@ def _work_starts():
     "Mark that the running command has checked its inputs and starts its work."
     _working.set(True)
 
+# %% ../nbs/12_cli.ipynb #1fd1c7c3
+def _number(name, v, kind=numbers.Real):
+    "Raise a `TypeError` unless `v` is a `kind` (never a bool)."
+    if isinstance(v, bool) or not isinstance(v, kind):
+        raise TypeError(f"{name} must be {'an integer' if kind is numbers.Integral else 'a number'}, got {v!r}")
+
+def positive(name:str, # the parameter's name as the user spells it
+             v): # its value
+    "Check that `v` is a finite number > 0 (a learning rate, a radius)."
+    _number(name, v)
+    if not (v > 0 and math.isfinite(v)): raise ValueError(f"{name} must be > 0, got {v!r}")
+
+def at_least(lo:int): # the smallest allowed count
+    "A check that a value is an integer ≥ `lo` (epochs, sizes)."
+    def check(name, v):
+        _number(name, v, numbers.Integral)
+        if v < lo: raise ValueError(f"{name} must be >= {lo}, got {v!r}")
+    return check
+
+def one_of(choices): # the allowed values, or a name of `CHOICES` (read when checked: registries import torch)
+    "A check that a value is one of `choices`."
+    def check(name, v):
+        names = CHOICES[choices] if isinstance(choices, str) else choices
+        if v not in names: raise ValueError(f"{name} must be one of {', '.join(names)}, got {v!r}")
+    return check
+
+
+# %% ../nbs/12_cli.ipynb #b1714a58
+def _creatable(name, d:Path):
+    "Raise a `ValueError` unless directory `d` exists or can be made: its nearest existing ancestor is a writable directory."
+    base = next(p for p in (d, *d.parents) if p.exists())
+    if not base.is_dir(): raise ValueError(f"{name}: cannot create the directory {d}: {base} is a file")
+    if not os.access(base, os.W_OK | os.X_OK): raise ValueError(f"{name}: cannot write in {base}")
+
+def output_file(name:str, # the parameter's name as the user spells it
+                p): # the path of a file to write
+    "Check that `p` can be written as a file: not a directory, in a directory that exists or can be made."
+    p = Path(p)
+    if p.is_dir(): raise ValueError(f"{name} must name a file, but {p} is a directory")
+    if p.exists() and not os.access(p, os.W_OK): raise ValueError(f"{name}: cannot overwrite {p}")
+    _creatable(name, p.parent)
+
+def output_dir(name:str, # the parameter's name as the user spells it
+               p): # the path of a directory to write in
+    "Check that `p` is a directory, or can be made as one."
+    p = Path(p)
+    if p.exists() and not p.is_dir(): raise ValueError(f"{name} must name a directory, but {p} is a file")
+    _creatable(name, p)
+
+def checkpoint(name:str, # the parameter's name as the user spells it
+               p, # a checkpoint's path (a model object passes: the Python API takes one too)
+               missing_ok:bool=False): # leave a missing file to the caller
+    "Check that the checkpoint `p` is a file (what is in it, `models.load_model` checks)."
+    if not isinstance(p, (str, os.PathLike)): return
+    if Path(p).is_dir(): raise ValueError(f"{name} must name a model checkpoint, but {p} is a directory")
+    if not (missing_ok or Path(p).exists()): raise FileNotFoundError(f"no model checkpoint at {p}")
+
+
+# %% ../nbs/12_cli.ipynb #a1e339ed
+def check_args(checks:dict, # {parameter: check}
+               values:dict, # {parameter: value}
+               spell=str): # how the user spells a parameter's name (the CLI: `option`)
+    "Run each check on its value, in order; None is the default and is not checked."
+    for k, check in checks.items():
+        if values.get(k) is not None: check(spell(k), values[k])
+
+def option(name:str): # a parameter's name
+    "The command-line option of a parameter: `n_train` → `--n-train`."
+    return '--' + name.replace('_', '-')
+
+def checked(**checks): # {parameter: check}, cheap ones first
+    "Decorator: run `checks` on the arguments before the function's body; `fn.checks` has them for the command line."
+    def deco(fn):
+        sig = inspect.signature(fn)
+        @functools.wraps(fn)
+        def _f(*args, **kwargs):
+            b = sig.bind(*args, **kwargs); b.apply_defaults()
+            check_args(checks, b.arguments)
+            return fn(*args, **kwargs)
+        _f.checks = checks
+        return _f
+    return deco
+
+
 # %% ../nbs/12_cli.ipynb #07e3227a
+@checked(epochs=at_least(1), bs=at_least(1), n_train=at_least(1), n_valid=at_least(1), lr=positive, eps=positive,
+         out=output_file, init=checkpoint, data=one_of('data'), arch=one_of('arch'), method=one_of('method'))
 def train(data:str='digits', # data set
           arch:str='small_cnn', # architecture
           method:str='natural', # training method
@@ -47,7 +135,7 @@ def train(data:str='digits', # data set
           lr:float=1e-3, # learning rate
           seed:int=42, # seed of data subsets and training
           path=None, # data directory, None for the default places
-          progress:bool=True, # fastai progress bar and table
+          progress:bool|None=None, # fastai's progress bar and table, else a plain line per epoch; None for a bar on a terminal only
           **method_kwargs): # other settings of the method, e.g. `steps=3`
     "Train a model on a data set with a method and save it with what it was trained for; return the fastai `Learner`."
     from fastai.torch_core import set_seed, rank_distrib
@@ -60,10 +148,7 @@ def train(data:str='digits', # data set
     learn = robust_learner(dls, method, arch=arch, init=init, lr=lr, **settings)
     _work_starts()
     start = time.time()
-    with _distrib_ctx(learn):
-        if progress: learn.fit(epochs)
-        else:
-            with learn.no_bar(), learn.no_logging(): learn.fit(epochs)
+    with _distrib_ctx(learn), _progress(learn, epochs, progress): learn.fit(epochs)
     meta = training_meta(learn) | dict(epochs=epochs, n_train=len(dls.train_ds), bs=bs, lr=lr, seed=seed,
                                        init=None if init is None else str(init), seconds=round(time.time()-start, 1))
     if rank_distrib()==0:
@@ -77,6 +162,23 @@ def _distrib_ctx(learn):
     if not num_distrib(): return contextlib.nullcontext()
     import robust_attr.distributed # adds the backend-aware `Learner.robust_distrib_ctx`: NCCL on GPUs, gloo on CPUs
     return learn.robust_distrib_ctx()
+def _bars(progress:bool|None): return sys.stdout.isatty() if progress is None else progress
+
+@contextlib.contextmanager
+def _progress(learn, # a fastai `Learner` about to `fit`
+              epochs:int, # the epochs it will train
+              progress:bool|None): # bars, plain lines (False), or bars on a terminal only (None)
+    "fastai's progress bar and table, or one plain line per epoch: a bar written to a file is kilobytes of carriage returns."
+    if _bars(progress): yield; return
+    def line(row):
+        cells = (f'{n} {v:.4f}' if isinstance(v, float) else f'{n} {v}' for n,v in zip(learn.recorder.metric_names[1:], row[1:]))
+        print(f"epoch {row[0]+1}/{epochs}: {', '.join(cells)}", flush=True)
+    logger = learn.logger
+    with learn.no_bar():
+        learn.logger = line
+        try: yield
+        finally: learn.logger = logger
+
 
 # %% ../nbs/12_cli.ipynb #52bab37a
 def evaluation_target(model, # a model returned by `load_model`
@@ -90,7 +192,52 @@ def evaluation_target(model, # a model returned by `load_model`
     if data is not None and data != trained: return data, eps  # another data set: its protocol's radius unless asked
     return trained, (threat.eps if eps is None and threat is not None else eps)
 
+# %% ../nbs/12_cli.ipynb #142c6150
+LEGEND = dict(
+    NA='natural accuracy: share of the evaluation images classified correctly (higher = better)',
+    AA='adversarial accuracy: share still classified correctly under a PGD attack within ε (higher = more robust)',
+    IN="top-{k} intersection: share of the clean map's {k} most important pixels still in the top {k} after the attack (higher = more robust)",
+    CO="Kendall's τ between the clean and the attacked map's pixel rankings: 1 = same order, 0 = unrelated (higher = more robust)",
+    spearman="Spearman's rank correlation between the clean and the attacked map (higher = more robust)",
+    AA_topk="top-{k} intersection measured against the reference model's map (higher = more robust)",
+    AA_kendall="Kendall's τ measured against the reference model's map (higher = more robust)",
+    AA_spearman="Spearman's correlation measured against the reference model's map (higher = more robust)",
+    never_moved='attacked images the attack could not change at all: they score IN = CO = 1 for free (lower = more trustworthy IN and CO)',
+    n='images whose maps were attacked: the first correctly classified ones',
+    tried='images looked at to find those n',
+    skipped_misclassified='of those, misclassified ones skipped (a map is only attacked where the prediction is right)',
+    flat_starts='attacked images where the attack met a zero gradient and restarted from a random point in the ball (lower = cleaner attack)',
+    seconds='wall time of the evaluation, in seconds')
+
+def legend(columns, # the columns shown
+           k:int=100): # IN's k, from the protocol
+    "One line per column: what it measures and which direction is better."
+    w = max(map(len, columns))
+    return [f"{c:<{w}} — {LEGEND.get(c, 'see robust_attr.localize.localization_metrics').format(k=k)}" for c in columns]
+
+def protocol_lines(p): # a `Protocol`, or the dict of a result's 'protocol'
+    "The settings that decide the numbers, as a short list."
+    p = p if isinstance(p, dict) else dataclasses.asdict(p)
+    smooth = f"softplus β = {p['beta']:g}" if p['smooth']=='softplus' else f"{p['smooth']} smoothing"
+    return [f"protocol: {p['name']} ({p['variant']})",
+            f"  ε = {p['eps']:g}: L∞ radius of both attacks, in [0, 1] pixel units",
+            f"  IFIA: {p['ifia_steps']} steps × {p['ifia_step_size']:g}, attacking the top-{p['attack_k']} pixels, {smooth}"
+            + (f", worst of {p['restarts']} runs" if p['restarts'] > 1 else ''),
+            f"  IN's k = {p['k']}",
+            f"  IG points: {p['ig_steps']} for the measured maps, {p['attack_ig_steps']} inside the attack",
+            f"  PGD for AA: {p['pgd_steps']} steps × {p['pgd_step_size']:g}",
+            f"  images: the first {p['n']} correctly classified" if p['n'] else "  images: every correctly classified one"]
+
+def report(table, # a `results_frame`
+           protocol): # its protocol
+    "The table, its legend and the protocol as printed text."
+    k = protocol['k'] if isinstance(protocol, dict) else protocol.k
+    return '\n'.join([table.to_string(float_format=lambda v: f'{v:.3f}'), '', *legend(list(table.columns), k), '', *protocol_lines(protocol)])
+
+
 # %% ../nbs/12_cli.ipynb #2df88663
+@checked(n=at_least(1), bs=at_least(1), eps=positive, out=output_file, model=checkpoint, reference=checkpoint,
+         variant=one_of(('quick', 'full')), split=one_of(('train', 'valid', 'test')), data=one_of('data'))
 def evaluate_saved(model, # a saved model (written by robust_attr train or `save_model`)
                    data:str|None=None, # data set, None for the one the model was trained on
                    eps:float|None=None, # radius ε of the attacks, None for the model's own (else the protocol's)
@@ -101,7 +248,7 @@ def evaluate_saved(model, # a saved model (written by robust_attr train or `save
                    reference=None, # a saved model whose maps are "true" (AA-metrics)
                    path=None, # data directory
                    bs:int=128, # attack batch size
-                   progress:bool=True, # progress bars
+                   progress:bool|None=None, # progress bars, else plain lines; None for bars on a terminal only
                    **overrides): # other protocol settings (e.g. `ifia_steps=20`) and evaluation options (`aa_n`, `seed`)
     "Evaluate a saved model with its data set's protocol, by default on the data set and at the ε it was trained for; print the table, return the result (and write it to `out`)."
     from robust_attr.data import get_arrays
@@ -116,10 +263,11 @@ def evaluate_saved(model, # a saved model (written by robust_attr train or `save
     x, y = get_arrays(data, split, path=path)
     check_evaluation(m, x, y, p)
     _work_starts()
-    res = evaluate(m, x, y, p, variant=variant, n=n, reference=ref, bs=bs, progress=progress,
+    print(f"evaluating {model} on the {split} split of {data}", flush=True)
+    res = evaluate(m, x, y, p, variant=variant, n=n, reference=ref, bs=bs, progress=_bars(progress),
                    **{k: v for k,v in overrides.items() if k not in fields})
     res.update(model_path=str(model), data=data, split=split, meta=m.meta)
-    print(results_frame(res, Path(model).stem).to_string(float_format=lambda v: f'{v:.3f}'))
+    print(report(results_frame(res, Path(model).stem), res['protocol']))
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(res, indent=1))
@@ -134,28 +282,28 @@ def _check_settings(settings:dict, # names given
 # %% ../nbs/12_cli.ipynb #1b11b6de
 DEMO_PROTOCOL = dict(n=100, ifia_steps=15, ig_steps=16, attack_ig_steps=4, pgd_steps=10)
 
+@checked(nat_epochs=at_least(1), aat_epochs=at_least(1), n_eval=at_least(1), n_train=at_least(1), out=output_dir)
 def demo(out='robust_attr_demo', # directory for the models, results and figure
          nat_epochs:int=8, # natural training epochs
          aat_epochs:int=2, # AAT fine-tuning epochs
          n_eval:int=100, # correctly classified validation digits to attack
+         n_train:int|None=None, # training digits (a seeded subset), None for all
          seed:int=0, # seed of the data split, training and attacks
-         progress:bool=True): # progress bars and training tables
+         progress:bool|None=None): # progress bars and training tables, else plain lines; None for bars on a terminal only
     "Train natural and AAT models on the bundled digits, evaluate both, print the table, save a figure."
     from fastai.torch_core import set_seed
     from robust_attr.data import get_dls, get_arrays
     from robust_attr.train import robust_learner
     from robust_attr.models import save_model, training_meta
-    from robust_attr.evaluate import compare, get_protocol
+    from robust_attr.evaluate import evaluate, results_frame, get_protocol
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     _work_starts()
     start = time.time()
     set_seed(seed)
-    dls = get_dls('digits', bs=64, seed=seed)
+    dls = get_dls('digits', bs=64, seed=seed, n_train=n_train)
     def fit(learn, epochs, name):
         print(f"training {name} for {epochs} epoch(s)")
-        if progress: learn.fit(epochs)
-        else:
-            with learn.no_bar(), learn.no_logging(): learn.fit(epochs)
+        with _progress(learn, epochs, progress): learn.fit(epochs)
         learn.model.eval()
         return learn
     nat = fit(robust_learner(dls, 'natural', lr=1e-3), nat_epochs, 'Nat')
@@ -165,9 +313,12 @@ def demo(out='robust_attr_demo', # directory for the models, results and figure
     models = {'Nat': nat.model, 'AAT': aat.model}
     x, y = get_arrays('digits', 'valid', seed=seed)
     p = get_protocol('digits', 'quick', **(DEMO_PROTOCOL | dict(n=n_eval)))
-    print(f"evaluating on {n_eval} correctly classified validation digits: {p}")
-    table, results = compare(models, x, y, p, seed=seed, progress=progress)
-    print(table[['NA', 'AA', 'IN', 'CO', 'never_moved', 'n']].to_string(float_format=lambda v: f'{v:.3f}'))
+    results = {}
+    for name, m in models.items():
+        print(f"evaluating {name} on {n_eval} correctly classified validation digits", flush=True)
+        results[name] = evaluate(m, x, y, p, seed=seed, progress=_bars(progress))
+    table = results_frame(results)
+    print(report(table[['NA', 'AA', 'IN', 'CO', 'never_moved', 'n']], p))
     fig = _demo_figure(models, x, y, p, seed)
     fig.savefig(out/'demo_attacks.png', dpi=110)
     (out/'results.json').write_text(json.dumps(dict(results=results, seconds=time.time()-start), indent=1))
@@ -225,6 +376,7 @@ def _help(docment:str|None): # a parameter's docments comment
 def add_options(parser:argparse.ArgumentParser, # the command's parser
                 fn): # the function the command calls
     "Add one option per parameter of `fn`, and `--set KEY=VALUE` for its `**kwargs`; return `parser`."
+    parser.checks = getattr(fn, 'checks', {})
     for name, p in _params(fn).items():
         if p['kind'] is inspect.Parameter.VAR_KEYWORD:
             parser.add_argument('--set', action='append', default=[], type=_setting, metavar='KEY=VALUE',
@@ -251,7 +403,25 @@ def _one_line(message): return ' '.join(str(message).split())
 
 class OneLineParser(argparse.ArgumentParser):
     "An `ArgumentParser` that reports a usage error as one line, `prog: error: message`, and exits with status 2."
+    checks = {}  # the command's checks (`add_options` sets them from the function)
     def error(self, message): self.exit(2, f"{self.prog}: error: {_one_line(message)}\n")
+
+    def _check_value(self, action, value):
+        "Leave a registry's names for after the checks: reading a registry imports torch, seconds before a cheap error."
+        if isinstance(action.choices, RegistryNames): self._later.append((action, value))
+        else: super()._check_value(action, value)
+
+    def parse_known_args(self, args=None, namespace=None):
+        "Parse, run the command's checks of values on what was parsed, then check the registries' names."
+        self._later = []
+        ns, rest = super().parse_known_args(args, namespace)
+        try:  # a missing checkpoint the function reports, before its work: a parser can be used without the files
+            checks = {k: functools.partial(c, missing_ok=True) if c is checkpoint else c for k,c in self.checks.items() if k not in CHOICES}
+            check_args(checks, vars(ns), option)
+            for a, v in self._later: super()._check_value(a, v)
+        except (ValueError, TypeError, FileNotFoundError, argparse.ArgumentError) as e: self.error(str(e))
+        return ns, rest
+
 
 # %% ../nbs/12_cli.ipynb #3a8f0772
 COMMANDS = dict(demo=demo, train=train, evaluate=evaluate_saved)

@@ -2,7 +2,8 @@
 were trained for, `evaluate` following them (and warning when told otherwise), and one-line user errors.
 
 Tiny runs: 32 digits, two batches, one epoch, one- or two-step attacks on 2-point IG maps."""
-import json, shutil, subprocess
+import inspect, json, os, shutil, subprocess, sys, time
+from pathlib import Path
 import pytest
 from robust_attr.cli import main
 from robust_attr.models import load_model, checkpoint_threat
@@ -121,3 +122,95 @@ def test_the_console_script_reports_a_user_error_in_one_line():
     r = subprocess.run(['robust_attr', 'train', '--data', 'imagenet'], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stdout == ''
     assert r.stderr.startswith("robust_attr train: error: argument --data: invalid choice: 'imagenet'") and r.stderr.count('\n') == 1
+
+# ---------- issue 16: every bad value refused before the work, output a person can read ----------
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, '-c', 'import sys; from robust_attr.cli import main; sys.exit(main())']
+
+def cli(*argv, cwd, **kw):
+    "Run the command line in a fresh interpreter on this checkout, from `cwd`."
+    env = os.environ | dict(PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
+    return subprocess.run([*CLI, *argv], cwd=cwd, env=env, text=True, **kw)
+
+def test_train_with_a_negative_learning_rate_exits_2_at_once_and_writes_nothing(tmp_path):
+    start = time.time()
+    r = cli('train', '--data', 'digits', '--lr=-1', '--out', 'm.pth', cwd=tmp_path, capture_output=True, timeout=120)
+    took = time.time() - start
+    assert (r.returncode, r.stdout) == (2, '') and r.stderr.count('\n') == 1 and '--lr' in r.stderr, r.stderr
+    assert r.stderr == "robust_attr train: error: --lr must be > 0, got -1.0\n"
+    assert not (tmp_path/'m.pth').exists() and list(tmp_path.iterdir()) == []
+    assert took < 2, f'{took:.1f} s'
+
+@pytest.fixture
+def no_work(monkeypatch, tmp_path):
+    "Make loading data, models or training fail loudly: a check that comes after them is too late. Work in `tmp_path`."
+    import robust_attr.data, robust_attr.models, robust_attr.train
+    def work(*a, **k): raise AssertionError('the work started before the bad value was refused')
+    for mod, name in [(robust_attr.data, 'get_dls'), (robust_attr.data, 'get_arrays'), (robust_attr.models, 'load_model'),
+                      (robust_attr.train, 'robust_learner')]: monkeypatch.setattr(mod, name, work)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path/'a_dir').mkdir(); (tmp_path/'a_file').write_text('x'); (tmp_path/'m.pth').write_text('x')
+
+@pytest.mark.parametrize('argv, message', [
+    (['train', '--lr', '0'], '--lr must be > 0, got 0.0'),
+    (['train', '--lr=-0.001'], '--lr must be > 0, got -0.001'),
+    (['train', '--epochs', '0'], '--epochs must be >= 1, got 0'),
+    (['train', '--epochs', '-1'], '--epochs must be >= 1, got -1'),
+    (['train', '--bs', '0'], '--bs must be >= 1, got 0'),
+    (['train', '--n-train', '0'], '--n-train must be >= 1, got 0'),
+    (['train', '--n-valid', '-3'], '--n-valid must be >= 1, got -3'),
+    (['train', '--method', 'aat', '--eps', '0'], '--eps must be > 0, got 0.0'),
+    (['train', '--out', 'a_dir'], '--out must name a file, but a_dir is a directory'),
+    (['train', '--out', 'a_file/m.pth'], '--out: cannot create the directory a_file: a_file is a file'),
+    (['train', '--init', 'a_dir'], '--init must name a model checkpoint, but a_dir is a directory'),
+    (['evaluate', '--model', 'm.pth', '--out', 'a_dir'], '--out must name a file, but a_dir is a directory'),
+    (['evaluate', '--model', 'm.pth', '--n', '0'], '--n must be >= 1, got 0'),
+    (['evaluate', '--model', 'm.pth', '--bs', '0'], '--bs must be >= 1, got 0'),
+    (['evaluate', '--model', 'm.pth', '--reference', 'missing.pth'], 'no model checkpoint at missing.pth'),
+    (['demo', '--nat-epochs', '-1'], '--nat-epochs must be >= 1, got -1'),
+    (['demo', '--aat-epochs', '0'], '--aat-epochs must be >= 1, got 0'),
+    (['demo', '--n-eval', '0'], '--n-eval must be >= 1, got 0'),
+    (['demo', '--out', 'a_file'], '--out must name a directory, but a_file is a file')])
+def test_a_bad_value_is_refused_before_any_data_model_or_training(argv, message, no_work, capsys):
+    assert user_error(argv, capsys) == f"robust_attr {argv[0]}: error: {message}\n"
+
+def test_the_python_functions_refuse_the_same_values(no_work):
+    from robust_attr.cli import train, evaluate_saved, demo
+    with pytest.raises(ValueError, match='lr must be > 0'): train(lr=-1.)
+    with pytest.raises(ValueError, match="data must be one of digits"): train(data='imagenet')
+    with pytest.raises(ValueError, match='out must name a file'): evaluate_saved('m.pth', out='a_dir')
+    with pytest.raises(TypeError, match='n_eval must be an integer'): demo(n_eval=2.5)
+
+def test_evaluate_prints_a_legend_for_every_column_and_the_protocol_as_a_list(digits_aat, tmp_path, capsys):
+    r = evaluate(digits_aat, tmp_path=tmp_path)
+    progress, out = capsys.readouterr().out.split('\n', 1)
+    assert progress.startswith(f'evaluating {digits_aat} on the valid split of digits')
+    table, legend = out.split('\n\n')[:2]
+    columns = table.splitlines()[0].split()
+    assert {'NA', 'AA', 'IN', 'CO', 'never_moved', 'n', 'spearman', 'tried', 'skipped_misclassified', 'flat_starts', 'seconds'} <= set(columns)
+    assert [l.split()[0] for l in legend.splitlines()] == columns
+    k = r['protocol']['k']
+    assert f"IN{' ' * 20}"[:len('skipped_misclassified')] + f" — top-{k} intersection: share of the clean map's {k} most important pixels" in legend
+    assert all('higher' in l or 'lower' in l for l in legend.splitlines() if l.split()[0] in ('NA', 'AA', 'IN', 'CO', 'spearman', 'never_moved'))
+    assert 'Protocol(' not in out and f"ε = {r['protocol']['eps']:g}" in out
+    assert f"IFIA: {r['protocol']['ifia_steps']} steps × {r['protocol']['ifia_step_size']:g}" in out and f"IN's k = {k}" in out
+
+def test_the_demo_written_to_a_file_has_plain_progress_lines_and_a_legend(tmp_path):
+    log = tmp_path/'demo.log'
+    with open(log, 'w') as f:
+        r = cli('demo', '--out', str(tmp_path/'d'), '--nat-epochs', '1', '--aat-epochs', '1', '--n-eval', '2', '--n-train', '64',
+                cwd=tmp_path, stdout=f, stderr=subprocess.PIPE, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = log.read_text()
+    assert '\r' not in out and '█' not in out, out[:500]
+    assert 'epoch 1/1: train_loss' in out and 'evaluating AAT' in out
+    assert 'never_moved — ' in out and 'Protocol(' not in out and "IN's k = " in out
+    assert (tmp_path/'d'/'demo_attacks.png').exists()
+
+def test_the_demos_default_directory_is_ignored_by_git():
+    from robust_attr.cli import demo
+    if not (ROOT/'.git').exists() or shutil.which('git') is None: pytest.skip('not a git checkout')
+    out = inspect.signature(demo).parameters['out'].default
+    r = subprocess.run(['git', 'check-ignore', '-q', f'{out}/results.json'], cwd=ROOT)
+    assert r.returncode == 0, f'{out}/ is not in .gitignore'
