@@ -2,7 +2,8 @@
 attack, `evaluate`, `get_dls` and `load_model`, hypothesis draws values outside what the argument accepts — numbers out of
 range, NaN and inf, wrong types, strings that are not a choice — and each call must raise `ValueError` or `TypeError`
 (a missing file: `FileNotFoundError`) whose message names the argument: never a torch internal error, never silence.
-The CLI's commands are covered in `tests/test_cli.py`.
+The CLI's numeric options must exit with status 2 and one line naming the option, having written nothing (its other
+user errors are listed in `tests/test_cli.py`).
 
 A one-layer model on 1×4×4 images keeps every call cheap; each property runs 50 examples, the file well under a minute."""
 import math
@@ -169,3 +170,27 @@ def test_load_model_refuses_what_is_not_a_checkpoint(content, tmp_path_factory):
 
 def test_load_model_missing_file(tmp_path):
     raises_naming('no model checkpoint', lambda: load_model(tmp_path/'missing.pth'), (FileNotFoundError,))
+
+# ---------- the command line: exit status 2 and one line naming the option, before any work ----------
+
+CLI_NUMBERS = {('train', '--lr'): st.one_of(st.floats(max_value=0., allow_nan=False, allow_infinity=False), st.just('nan')),
+               ('train', '--epochs'): st.integers(max_value=0), ('train', '--bs'): st.integers(max_value=0),
+               ('train', '--n-train'): st.integers(max_value=0), ('train', '--n-valid'): st.integers(max_value=0),
+               ('train', '--eps'): st.floats(max_value=-1e-6, allow_nan=False, allow_infinity=False),
+               ('demo', '--nat-epochs'): st.integers(max_value=0), ('demo', '--aat-epochs'): st.integers(max_value=0),
+               ('demo', '--n-eval'): st.integers(max_value=0)}
+
+@settings(max_examples=40, deadline=None)
+@given(case=st.sampled_from(sorted(CLI_NUMBERS)), data=st.data())
+def test_cli_refuses_bad_values_in_one_line(case, data, tmp_path_factory):
+    from robust_attr.cli import main
+    import contextlib, io
+    command, option = case
+    value = data.draw(CLI_NUMBERS[case])
+    out = tmp_path_factory.mktemp('cli')
+    argv = [command, f'{option}={value}'] + (['--out', str(out/'m.pth')] if command=='train' else ['--out', str(out/'demo')])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e: main(argv)
+    lines = err.getvalue().strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and option in lines[0], (argv, err.getvalue())
+    assert not any(out.iterdir()), 'nothing may be written'
