@@ -239,14 +239,6 @@ def robust_distrib_ctx(self:Learner, sync_bn:bool=True, # convert BatchNorm to S
         self.detach_robust_distributed()
         if cleanup: teardown_process_group()
 
-# %% ../nbs/10_distributed.ipynb #d21b57a2
-@patch
-def distrib_ctx(self:Learner, sync_bn:bool=True, in_notebook:bool=False, **kwargs):
-    "Deprecated: `robust_distrib_ctx` (this module's `distrib_ctx` for one more release, then fastai's own again)."
-    warnings.warn("`learn.distrib_ctx()` with robust_attr.distributed is deprecated and will be fastai's own in the next "
-                  "release; use `learn.robust_distrib_ctx()`", DeprecationWarning, stacklevel=2)
-    return self.robust_distrib_ctx(sync_bn, in_notebook, **kwargs)
-
 # %% ../nbs/10_distributed.ipynb #652d04a3
 def free_port():
     "A TCP port that is free on this machine now, for `MASTER_PORT` or `notebook_launcher(use_port=...)`."
