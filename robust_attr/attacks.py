@@ -29,7 +29,7 @@ class AttackRecord:
     valid: Tensor # (B,) bool: the returned iterate satisfies the attack's constraint
     steps: Tensor # (B,) gradient steps taken for the sample, over all restarts
     moved: Tensor # (B,) bool: the returned input differs from the clean input
-    flat: Tensor # (B,) steps at which the ascent direction was exactly zero (each one moved the sample to a random point)
+    flat: Tensor|None = None # (B,) steps at which the ascent direction was exactly zero (each one moved the sample to a random point)
     def __len__(self): return len(self.score)
 
 # %% ../nbs/05_attacks.ipynb #63156f3e
@@ -237,7 +237,7 @@ class IFIA(Attack):
                  objective='topk', # 'topk', 'mass_center', or a dissimilarity name / callable
                  select:str='kendall', # 'kendall', 'topk' or 'last' (see above)
                  measure=None, # attribution for measuring (default: `attribution`), e.g. a `captum_attribution`
-                 spec:MapSpec|None=None, # the climbed map whole (then `attribution`, `attack_ig_steps`, `beta`, `smooth` and map options are its)
+                 spec:MapSpec|None=None, # the climbed map whole (then `attribution`, `attack_ig_steps`, `beta`, `smooth` are its; map options refine it)
                  random_start:bool=False, # Ghorbani et al. start at the clean input
                  restarts:int=1, # runs per sample (later runs start at random points)
                  internal_batch_size:int|None=None, # rows (samples × IG points) per IG pass; None: all at once
@@ -247,11 +247,11 @@ class IFIA(Attack):
         self.k = check_number(k, 'k', min=1, integer=True)
         self.select = check_choice(select, IFIA_SELECT, 'select')
         if objective not in ('topk', 'mass_center'): self._dissimilarity = get_dissimilarity(objective)
-        self.spec = spec or MapSpec(attribution, check_number(attack_ig_steps, 'attack_ig_steps', min=1, integer=True), smooth=smooth, beta=beta,
-                                    internal_batch_size=internal_batch_size, **map_options)
+        self.spec = (MapSpec(attribution, check_number(attack_ig_steps, 'attack_ig_steps', min=1, integer=True), smooth=smooth, beta=beta,
+                             internal_batch_size=internal_batch_size, **map_options) if spec is None else spec.replace(**map_options))
         self.measure_spec = MapSpec(self.spec.attribution if measure is None else measure, check_number(ig_steps, 'ig_steps', min=1, integer=True),
                                     ig_method=self.spec.ig_method, reduce=self.spec.reduce, abs=self.spec.abs,
-                                    internal_batch_size=self.spec.internal_batch_size if spec else internal_batch_size)
+                                    internal_batch_size=self.spec.internal_batch_size)
         store_attr('objective,measure')
 
     def attack_map(self, model, x, y, ctx, create_graph:bool=True):

@@ -366,15 +366,15 @@ class MapSpec:
     def _options(self, x_clean):
         if not self.is_ig: return {}
         kw = dict(steps=self.ig_steps, method=self.ig_method, of=self.of, internal_batch_size=self.internal_batch_size)
-        if self.baseline == 'clean' if isinstance(self.baseline, str) else self.baseline is not None:
-            kw['baseline'] = x_clean if isinstance(self.baseline, str) else self.baseline
+        clean = isinstance(self.baseline, str)  # 'clean', the only string a spec accepts
+        if clean or self.baseline is not None: kw['baseline'] = x_clean if clean else self.baseline
         return kw
 
     def __call__(self, model:nn.Module, x:Tensor, target, # classifier, batch and classes to explain
                  create_graph:bool=False, # keep the graph (to differentiate the map)
                  x_clean:Tensor|None=None): # the clean batch, for `baseline='clean'`
         "The map of `x`, in its per-pixel form."
-        if self.baseline == 'clean' and x_clean is None: raise ValueError("`baseline='clean'` needs the clean batch `x_clean`")
+        if isinstance(self.baseline, str) and x_clean is None: raise ValueError("`baseline='clean'` needs the clean batch `x_clean`")
         fn = get_attribution(self.attribution)
         with (nullcontext() if self.smooth is None else softplus_surrogate(model, self.beta, self.smooth)):
             a = fn(model, x, target, create_graph=create_graph, **self._options(x_clean))

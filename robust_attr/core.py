@@ -253,8 +253,9 @@ def check_model(model, # the classifier
     try:
         with torch.no_grad(), eval_mode(model): out = model(x[:1])
     except RuntimeError as e:
-        raise ValueError(f"`{name}` cannot take inputs shaped {tuple(x.shape[1:])} (a wrong channel count or image size?): "
-                         f"{str(e).splitlines()[0]}") from e
+        msg = str(e).splitlines()[0]
+        if not any(w in msg for w in ('size', 'shape', 'channels', 'dimension')): raise  # not about the input's shape
+        raise ValueError(f"`{name}` cannot take inputs shaped {tuple(x.shape[1:])} (a wrong channel count or image size?): {msg}") from e
     out = check_logits(out, 1, f'`{name}` output')
     if not torch.isfinite(out).all(): raise ValueError(f"`{name}` returns NaN or inf on these inputs")
     return out.shape[1]

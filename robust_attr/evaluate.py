@@ -227,6 +227,7 @@ def evaluate(model:nn.Module, # the classifier, taking [0,1] inputs
     if seed is not None: check_number(seed, 'seed', min=0, integer=True)
     model = unwrap_model(model)
     y = check_evaluation(model, x, y, p)
+    if reference is not None: check_model(unwrap_model(reference), x, 'reference')
     warn_other_threat(model, p)
     idx, tried = first_correct(model, x, y, p.n, bs)
     if not len(idx): warnings.warn(f"the model classifies none of the {len(x)} samples correctly: IN and CO, measured on correctly "

@@ -265,7 +265,7 @@ def save_model(model:nn.Module, # a model built from `ARCHS`
     "Save `model`'s architecture name, constructor arguments, state dict, `meta` and their hashes to `path`; return the path."
     name = arch_name(model)
     kwargs = check_storable(dict(model.arch_kwargs), 'arch_kwargs')
-    if 'threat' in meta: meta['threat'] = _threat_record(meta['threat'])
+    if meta.get('threat') is not None: meta['threat'] = _threat_record(meta['threat'])
     check_storable(meta, 'meta')
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

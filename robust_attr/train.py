@@ -79,10 +79,14 @@ class FARCallback(_TermRecorder):
         unknown = set(map_options) - set(split_map_options(map_options)[0])
         if unknown: raise TypeError(f"{type(self).__name__} got unknown settings {sorted(unknown)}")
         self.spec = MapSpec(attribution, **map_options) if spec is None else spec.replace(**map_options)  # options refine a preset's spec
+        if 'beta' in map_options and self.spec.smooth is None:
+            raise ValueError(f"`beta` must be left out: {type(self).__name__}'s map has no surrogate (smooth=None), so a softplus β "
+                             "would change nothing (a method's term weight is `lam`)")
         self._d = get_dissimilarity(dissimilarity)
         store_attr('dissimilarity,attack,target,detach_target,term')
-        self.threat = None if eps is None else ThreatModel(eps)
+        self.threat, self._auto_attack = (None if eps is None else ThreatModel(eps)), False
         if self.attack is None and self.threat is not None: self.attack = self.make_attack(self.threat)
+        elif self.attack is not None: self.threat = self.attack.threat
 
     def make_attack(self, threat:ThreatModel): return None  # a preset's inner maximizer for `threat`
 
@@ -109,9 +113,10 @@ class FARCallback(_TermRecorder):
     def before_fit(self):
         self.terms = ('ce',) + ((f'{self.term}_reg',) if self.lam else ())  # λ = 0 (Madry): no regularizer column
         super().before_fit()
-        if self.attack is None:
-            self.threat = threat_model_for(self.learn.dls)
-            self.attack = self.make_attack(self.threat)
+        builds = type(self).make_attack is not FARCallback.make_attack
+        if builds and (self.attack is None or self._auto_attack):  # from the data's threat model, rebuilt if the data changed
+            tm = threat_model_for(self.learn.dls)
+            if tm != self.threat: self.threat, self.attack, self._auto_attack = tm, self.make_attack(tm), True
         self._warn_unsmoothed()
 
     def _warn_unsmoothed(self):
@@ -165,7 +170,9 @@ class FARCallback(_TermRecorder):
         names = {k for c in type(self).__mro__ if issubclass(c, FARCallback) for k in inspect.signature(c.__init__).parameters} - {'self', 'kwargs', 'map_options'}
         plain = lambda v: v is None or isinstance(v, (bool, int, float, str))
         out = {k: getattr(self, k) for k in names if hasattr(self, k) and plain(getattr(self, k))}
-        return out | {f: v for f,v in vars(self.spec).items() if plain(v) and f != 'internal_batch_size'} | {'eps': None if self.threat is None else self.threat.eps}
+        out['spec'] = {f: v for f,v in vars(self.spec).items() if plain(v) and f != 'internal_batch_size'}  # the training map
+        if self.attack is not None: out['step_size'] = self.attack.step_size  # the step used, also when it followed ε
+        return out | {'eps': None if self.threat is None else self.threat.eps}
 
 # %% ../nbs/08_train.ipynb #8a2aa9c1
 class AdvTrainCallback(FARCallback):
@@ -383,5 +390,6 @@ def robust_learner(dls, # fastai `DataLoaders` of [0,1] images and integer label
     if getattr(dls, 'device', None) is not None: model = model.to(dls.device)
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=opt_func, lr=lr, metrics=metrics,
                     cbs=listify(cb) + listify(cbs))
+    if cb is not None and cb.threat is not None: threat = cb.threat  # a given attack brings its own
     learn.threat, learn.method, learn.method_settings = threat, method, ({} if cb is None else cb.settings())
     return learn
