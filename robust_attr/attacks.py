@@ -4,6 +4,7 @@
 
 # %% ../nbs/05_attacks.ipynb #b2c6df43
 from __future__ import annotations
+import warnings
 from dataclasses import dataclass
 import torch
 import torch.nn as nn
@@ -18,8 +19,8 @@ from .metrics import kendall_tau, topk_intersection, topk_mask
 from .losses import topk_mass, mass_center_shift, get_dissimilarity, targeted_mse, art_triplet_loss, art_negative_class
 
 # %% auto #0
-__all__ = ['IFIA_SELECT', 'AttackRecord', 'Attack', 'unwrap_model', 'margin', 'PGD', 'IFIA', 'AdvIFIA',
-           'TargetedAttributionAttack', 'art_loss', 'ARTAttack', 'captum_attribution']
+__all__ = ['PRECISIONS', 'IFIA_SELECT', 'AttackRecord', 'check_precision', 'inner_precision', 'Attack', 'unwrap_model', 'margin',
+           'PGD', 'IFIA', 'AdvIFIA', 'TargetedAttributionAttack', 'art_loss', 'ARTAttack', 'captum_attribution']
 
 # %% ../nbs/05_attacks.ipynb #ddda5c36
 @dataclass
@@ -31,6 +32,21 @@ class AttackRecord:
     moved: Tensor # (B,) bool: the returned input differs from the clean input
     flat: Tensor|None = None # (B,) steps at which the ascent direction was exactly zero (each one moved the sample to a random point)
     def __len__(self): return len(self.score)
+
+# %% ../nbs/05_attacks.ipynb #0558fdb2
+PRECISIONS = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
+
+def check_precision(precision:str, # 'fp32', 'bf16' or 'fp16' (see `PRECISIONS`)
+                    name:str='precision'): # the argument's name in the error
+    "`precision` if it names a `PRECISIONS` entry, else a `ValueError` naming the argument."
+    return check_choice(precision, tuple(PRECISIONS), name)
+
+def inner_precision(precision:str, # a `PRECISIONS` name
+                    device): # the model's device (or its type, e.g. 'cuda')
+    "The autocast context of an attack's inner steps on `device`: autocast to `precision`, or switched off for 'fp32'."
+    dtype, kind = PRECISIONS[check_precision(precision)], torch.device(device).type
+    if dtype is torch.float32: return torch.autocast(kind, enabled=False)
+    return torch.autocast(kind, dtype=dtype)
 
 # %% ../nbs/05_attacks.ipynb #63156f3e
 class Attack:
@@ -44,7 +60,8 @@ class Attack:
                  restarts:int=1, # runs per sample; runs after the first start at random points
                  box=BOX, # the data box every iterate is clamped to
                  progress:bool=False, # show a progress bar over the steps
-                 seed:int|None=None): # seed of the random starts (None: torch's global generator)
+                 seed:int|None=None, # seed of the random starts (None: torch's global generator)
+                 precision:str='fp32'): # dtype of the inner steps' passes ('fp32', 'bf16', 'fp16'); scores and measured maps stay fp32
         if isinstance(eps, ThreatModel): eps, norm, box = eps.eps, eps.norm, eps.box
         self.eps = check_number(eps, 'eps', min=0)
         self.step_size = check_number(step_size, 'step_size', min=0, strict=True)
@@ -52,6 +69,7 @@ class Attack:
         self.restarts = check_number(restarts, 'restarts', min=1, integer=True)
         self.norm = check_choice(norm, NORMS, 'norm')
         if seed is not None: check_number(seed, 'seed', min=0, integer=True)
+        self.precision = check_precision(precision)
         store_attr('random_start,box,progress,seed')
 
     @property
@@ -84,9 +102,11 @@ class Attack:
         "Attack the batch `x`; returns the selected iterates (and the per-sample `AttackRecord`)."
         x = check_images(x, box=self.box).detach()
         model = unwrap_model(model)
-        y = check_targets(y, len(x), check_model(model, x), device=x.device, name='y')
+        with inner_precision('fp32', x.device): y = check_targets(y, len(x), check_model(model, x), device=x.device, name='y')
         gen = self._generator(x.device)
-        with eval_mode(model, requires_grad=False), torch.enable_grad():
+        if self.precision=='fp16' and x.device.type=='cpu':
+            warnings.warn("precision='fp16' on a CPU is slower than fp32 (no native fp16 arithmetic); use 'bf16'", UserWarning, stacklevel=2)
+        with eval_mode(model, requires_grad=False), torch.enable_grad(), inner_precision('fp32', x.device):  # scores in fp32
             ctx = self.prepare(model, x, y, **context)
             best = dict(x=x.clone(), score=self.clean_score(model, x, y, ctx).float(),
                         valid=torch.ones(len(x), dtype=torch.bool, device=x.device),
@@ -139,10 +159,11 @@ def _record(attack, best:dict, act:_Active, score, valid):
 def _ascent_direction(attack, model, act:_Active):
     "Gradient of the attack objective w.r.t. the active iterates, and the logits it computed (or None)."
     x_adv = act.x_adv.detach().requires_grad_(True)
-    out = attack.ascent_objective(model, x_adv, act.y, act.ctx)
+    with inner_precision(attack.precision, x_adv.device): out = attack.ascent_objective(model, x_adv, act.y, act.ctx)
     obj, logits = out if isinstance(out, tuple) else (out, None)
-    g, = torch.autograd.grad(obj.sum(), x_adv)
-    return g, (None if logits is None else logits.detach())
+    g, = torch.autograd.grad(obj.float().sum(), x_adv)
+    if logits is None or attack.precision!='fp32': return g, None  # reduced-precision logits are never scored
+    return g, logits.detach()
 
 def _logits(model, x):
     "Model outputs for a batch, checked to be `(B, n_classes)`."
@@ -259,8 +280,8 @@ class IFIA(Attack):
         return self.spec(model, x, y, create_graph=create_graph, x_clean=ctx.get('x'))
 
     def measure_map(self, model, x, y):
-        "The map robustness is measured on: the attribution of the exact (ReLU) model of the logit, zero baseline."
-        return self.measure_spec(model, x, y)
+        "The map robustness is measured on: the attribution of the exact (ReLU) model of the logit, zero baseline; always fp32."
+        with inner_precision('fp32', x.device): return self.measure_spec(model, x, y)
 
     def _check_clean_map(self, clean_map, x):
         "A caller's clean measured map, checked to have the shape `measure_map` gives for `x`."
