@@ -385,6 +385,7 @@ def add_options(parser:argparse.ArgumentParser, # the command's parser
         kw, t = {}, _type(p['anno'])
         if t is bool: kw['action'] = argparse.BooleanOptionalAction
         elif t is not None: kw['type'] = t
+        elif typing.get_origin(p['anno']) is list: kw['action'] = 'append'  # `--model a --model b`
         if p['default'] is inspect.Parameter.empty: kw['required'] = True
         else: kw['default'] = p['default']
         help = _help(p['docment'])
@@ -424,7 +425,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 # %% ../nbs/12_cli.ipynb #3a8f0772
-COMMANDS = dict(demo=demo, train=train, evaluate=evaluate_saved)
+from .explore_app import explore
+COMMANDS = dict(demo=demo, train=train, evaluate=evaluate_saved, explore=explore)
 
 def _first_clause(doc): return doc.split('; ')[0].rstrip('.') + '.'
 
