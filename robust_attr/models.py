@@ -15,9 +15,9 @@ from .core import *
 
 # %% auto #0
 __all__ = ['ARCHS', 'INIT_SCHEMES', 'CHECKPOINT_FORMAT', 'READABLE_FORMATS', 'Normalize', 'PerImageStandardize', 'input_layer',
-           'SmallCNN', 'count_relus', 'check_relus', 'MadryResidualUnit', 'MadryResNet', 'WideBasicBlock', 'WideResNet',
-           'LinearModel', 'get_model', 'arch_name', 'init_weights', 'check_storable', 'checkpoint_hash', 'save_model',
-           'load_model', 'training_meta', 'checkpoint_threat']
+           'SmallCNN', 'count_relus', 'MadryResidualUnit', 'MadryResNet', 'WideBasicBlock', 'WideResNet', 'LinearModel',
+           'get_model', 'arch_name', 'init_weights', 'check_storable', 'checkpoint_hash', 'save_model', 'load_model',
+           'training_meta', 'checkpoint_threat']
 
 # %% ../nbs/06_models.ipynb #2804cb41
 class Normalize(nn.Module):
@@ -66,16 +66,8 @@ class SmallCNN(nn.Sequential):
 
 # %% ../nbs/06_models.ipynb #7894db0f
 def count_relus(model:nn.Module): # the model
-    "How many `nn.ReLU` modules `model` holds (each one a site `smooth` can swap)."
+    "How many `nn.ReLU` modules `model` holds (a check on the model builders below)."
     return sum(isinstance(o, nn.ReLU) for o in model.modules())
-
-def check_relus(model:nn.Module): # the model
-    "Raise `ValueError` if any `nn.ReLU` of `model` is in-place or shared by two parents."
-    relus = [o for o in model.modules() if isinstance(o, nn.ReLU)]
-    if any(o.inplace for o in relus): raise ValueError("model has an in-place nn.ReLU")
-    n_uses = sum(isinstance(c, nn.ReLU) for o in model.modules() for c in o._modules.values())
-    if n_uses != len(relus): raise ValueError("model reuses one nn.ReLU module in several places")
-    return model
 
 # %% ../nbs/06_models.ipynb #675084a8
 class MadryResidualUnit(nn.Module):
