@@ -22,7 +22,7 @@ from .core import *
 from .smooth import SURROGATE_MODES, check_beta
 from .attribution import MapSpec, split_map_options, get_attribution, layer_integrated_gradients
 from .losses import get_dissimilarity, saliency_match_loss
-from .attacks import Attack, PGD, IFIA, AdvIFIA, ARTAttack, unwrap_model
+from .attacks import Attack, PGD, IFIA, AdvIFIA, ARTAttack, unwrap_model, check_precision, inner_precision
 from .models import get_model, load_model
 from .evaluate import threat_model_for
 
@@ -69,6 +69,7 @@ class FARCallback(_TermRecorder):
                  term:str='far', # prefix of the recorded regularizer column `{term}_reg`
                  eps:float|None=None, # radius of a preset's attack (None: the data set's, at `before_fit`)
                  spec:MapSpec|None=None, # S whole (then `attribution` is its; map options given too refine it)
+                 precision:str|None=None, # the attack's inner steps: 'fp32', 'bf16' or 'fp16' (None: a given attack's own, else 'fp32')
                  **map_options): # `MapSpec` fields of S: `ig_steps` (RAR's m, default 50), `of`, `baseline`, `reduce`, `abs`, `smooth`, `beta`, ...
         self.objective = check_choice(objective, FAR_OBJECTIVES, 'objective')
         self.lam = check_number(lam, 'lam', min=0)
@@ -84,11 +85,21 @@ class FARCallback(_TermRecorder):
                              "would change nothing (a method's term weight is `lam`)")
         self._d = get_dissimilarity(dissimilarity)
         store_attr('dissimilarity,attack,target,detach_target,term')
+        self.precision = self._precision(precision, attack)
         self.threat, self._auto_attack = (None if eps is None else ThreatModel(eps)), False
         if self.attack is None and self.threat is not None: self.attack = self.make_attack(self.threat)
         elif self.attack is not None: self.threat = self.attack.threat
 
     def make_attack(self, threat:ThreatModel): return None  # a preset's inner maximizer for `threat`
+
+    @staticmethod
+    def _precision(precision, attack):
+        "The inner steps' precision: the one asked for, else a given attack's, else fp32; a clash with the attack is an error."
+        if precision is None: return 'fp32' if attack is None else attack.precision
+        check_precision(precision)
+        if attack is not None and attack.precision != precision:
+            raise ValueError(f"`precision` is {precision!r} but the given attack's is {attack.precision!r}: set it on the attack")
+        return precision
 
     def map_of(self, model, x, y, x_clean=None, create_graph=True):
         "S at `x`, in the form `d_s` compares (`x_clean` for maps along the path from the clean input)."
@@ -133,7 +144,7 @@ class FARCallback(_TermRecorder):
         self._module = unwrap_model(self.learn.model)
         n_adv = round(self.adv_ratio * len(x)) if self.objective=='robust' else len(x)
         self._x, self._y = x[:n_adv], y[:n_adv]
-        with torch.autocast(x.device.type, enabled=False):  # maps in full precision, like S(x̃) in `after_loss`
+        with inner_precision('fp32', x.device):  # maps in full precision; the attack runs its inner steps in its own
             needs_target = self.lam and n_adv and not self._target_from_pred()
             self._target = self.target_map(self._module, self._x, self._y) if needs_target else None
             if self.attack is None or n_adv==0 or not (self.lam or self.objective=='robust'): self._x_adv = self._x; return  # λ = 0 in eq. 5: x̃ unused
@@ -152,7 +163,7 @@ class FARCallback(_TermRecorder):
         if not self.training: return
         terms = {'ce': self.learn.loss_grad.detach()}
         if self.lam and len(self._x_adv):
-            s_adv = self.map_of(self._module, self._x_adv, self._y, x_clean=self._x)
+            with inner_precision('fp32', self._x.device): s_adv = self.map_of(self._module, self._x_adv, self._y, x_clean=self._x)
             reg = self._d(s_adv, self._training_target(s_adv)).mean()
             self.learn.loss_grad = self.learn.loss_grad + self.lam * reg
             self.learn.loss = self.learn.loss_grad.detach().clone()
@@ -192,7 +203,8 @@ class AdvTrainCallback(FARCallback):
         super().__init__(attack=attack, objective='robust', lam=0., adv_ratio=adv_ratio, term='adv', eps=eps, **kwargs)
 
     def make_attack(self, threat):
-        return PGD(threat, self.step_size or threat.step_size(0.1), self.steps, random_start=True, select='last', seed=self.seed)
+        return PGD(threat, self.step_size or threat.step_size(0.1), self.steps, random_start=True, select='last', seed=self.seed,
+                   precision=self.precision)
 
 # %% ../nbs/08_train.ipynb #3dbac875
 def layer_attribution(layer:nn.Module|None): # the layer h, or None for the input
@@ -227,7 +239,7 @@ class IGNormCallback(FARCallback):
         ce_weight, lam = (0., 1.) if self.objective=='regularizer' else (1., self.lam)  # IG-SUM-NORM's adversary ascends its whole loss
         return AdvIFIA(threat, self.step_size or threat.step_size(0.1), self.steps, lam=lam, ce_weight=ce_weight, objective='l1',
                        target='zero', spec=self.spec.replace(ig_steps=self.attack_m, smooth=self.smooth, beta=self.beta),
-                       random_start=True, gamma=self.gamma, seed=self.seed)
+                       random_start=True, gamma=self.gamma, seed=self.seed, precision=self.precision)
 
 class IGSumNormCallback(IGNormCallback):
     "RAR's IG-SUM-NORM: max ℓ(x̃) + λ‖IG^{ℓ_y}(x, x̃)‖₁ (the robust objective; λ is RAR's β)."
@@ -249,7 +261,7 @@ class TRADESCallback(FARCallback):
 
     def make_attack(self, threat):
         return AdvIFIA(threat, self.step_size or threat.step_size(0.1), self.steps, lam=1., ce_weight=0., objective='kl',
-                       spec=self.spec, random_start=True, seed=self.seed)
+                       spec=self.spec, random_start=True, seed=self.seed, precision=self.precision)
 
 # %% ../nbs/08_train.ipynb #b7829e94
 class ARTCallback(FARCallback):
@@ -266,7 +278,7 @@ class ARTCallback(FARCallback):
                          eps=eps, **kwargs)
 
     def make_attack(self, threat):
-        return ARTAttack(threat, self.step_size or threat.step_size(1.5/8), self.steps, beta=self.beta, seed=self.seed)
+        return ARTAttack(threat, self.step_size or threat.step_size(1.5/8), self.steps, beta=self.beta, seed=self.seed, precision=self.precision)
 
 # %% ../nbs/08_train.ipynb #7a1f10be
 class AATCallback(FARCallback):
@@ -290,8 +302,10 @@ class AATCallback(FARCallback):
     def make_attack(self, threat):
         step, spec = self.step_size or threat.step_size(1.2, self.steps), self.spec.replace(smooth=self.smooth, beta=self.beta)
         if self.objective=='regularizer':
-            return IFIA(threat, step, self.steps, objective='pcc', select='last', spec=spec, random_start=self.random_start, seed=self.seed)
-        return AdvIFIA(threat, step, self.steps, lam=self.lam, objective='pcc', spec=spec, random_start=self.random_start, seed=self.seed)
+            return IFIA(threat, step, self.steps, objective='pcc', select='last', spec=spec, random_start=self.random_start,
+                        seed=self.seed, precision=self.precision)
+        return AdvIFIA(threat, step, self.steps, lam=self.lam, objective='pcc', spec=spec, random_start=self.random_start, seed=self.seed,
+                       precision=self.precision)
 
 class AdvAATCallback(AATCallback):
     "FAR's AdvAAT (eq. 11): max {CE(x̃) + λ·PCL[IG(x̃), IG(x)]}, the inner max by Adversarial IFIA."
