@@ -102,7 +102,8 @@ def check_logits(out, # what the model returned
                  name:str='model output'): # what to call it in the error
     "Raise a clear error unless `out` is a `(B, n_classes)` tensor of class scores."
     if not isinstance(out, Tensor):
-        raise TypeError(f"{name} must be a tensor of class scores, got {type(out).__name__}")
+        raise TypeError(f"{name} must be a tensor of class scores, got {type(out).__name__}: wrap the model in "
+                        "`robust_attr.models.ImageClassifier(model, output=...)` to read its logits")
     if out.dim()!=2 or out.shape[0]!=batch_size:
         raise ValueError(f"{name} must have shape (B, n_classes) = ({batch_size}, ...), got {tuple(out.shape)}")
     return out

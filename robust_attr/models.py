@@ -16,8 +16,8 @@ from .core import *
 # %% auto #0
 __all__ = ['ARCHS', 'INIT_SCHEMES', 'CHECKPOINT_FORMAT', 'READABLE_FORMATS', 'Normalize', 'PerImageStandardize', 'input_layer',
            'SmallCNN', 'count_relus', 'MadryResidualUnit', 'MadryResNet', 'WideBasicBlock', 'WideResNet', 'LinearModel',
-           'get_model', 'arch_name', 'init_weights', 'check_storable', 'checkpoint_hash', 'save_model', 'load_model',
-           'training_meta', 'checkpoint_threat']
+           'read_logits', 'ImageClassifier', 'get_model', 'arch_name', 'init_weights', 'check_storable',
+           'checkpoint_hash', 'save_model', 'load_model', 'training_meta', 'checkpoint_threat']
 
 # %% ../nbs/06_models.ipynb #2804cb41
 class Normalize(nn.Module):
@@ -167,6 +167,46 @@ class LinearModel(nn.Sequential):
                  n_classes:int): # number of classes
         self.arch_kwargs = dict(n_features=n_features, n_classes=n_classes)
         super().__init__(nn.Flatten(), nn.Linear(n_features, n_classes))
+
+# %% ../nbs/06_models.ipynb #404ebd64
+def read_logits(out, # what a model returned
+                output=None): # None (auto), an index, a key, or a function of `out`
+    "The class-score tensor in a model's output: the tensor, `.logits`, `['logits']`, or the first item (see `ImageClassifier`)."
+    if callable(output): return output(out)
+    if output is not None:
+        try: return out[output]
+        except (KeyError, IndexError, TypeError) as e:
+            raise ValueError(f"`output={output!r}` cannot be read from a {type(out).__name__} output ({e})") from None
+    if isinstance(out, Tensor): return out
+    if hasattr(out, 'logits'): return out.logits
+    if isinstance(out, dict) and 'logits' in out: return out['logits']
+    if isinstance(out, (tuple, list)) and len(out) and isinstance(out[0], Tensor): return out[0]
+    what = f"a dict with keys {sorted(map(str, out))}" if isinstance(out, dict) else f"a {type(out).__name__}"
+    raise TypeError(f"cannot read logits from {what}: pass `output=` (an index, a key, or a function returning the "
+                    "(B, n_classes) tensor)")
+
+# %% ../nbs/06_models.ipynb #6deac71f
+class ImageClassifier(nn.Module):
+    "A user's model as robust_attr calls it: pixels in [0, 1] in (normalized here), `(B, n_classes)` logits out."
+    def __init__(self, model:nn.Module, # the classifier
+                 mean=None, std=None, # per-channel normalization the model expects (e.g. ImageNet's), or None
+                 output=None): # where the logits are in the model's output (see `read_logits`)
+        super().__init__()
+        if not isinstance(model, nn.Module): raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+        mean, std = (None if v is None else torch.as_tensor(v, dtype=torch.float32).flatten() for v in (mean, std))
+        if mean is not None and std is not None and len(mean) != len(std):
+            raise ValueError(f"`mean` and `std` must have one value per channel, got {len(mean)} and {len(std)}")
+        if std is not None and not (std > 0).all(): raise ValueError("`std` must be > 0 in every channel")
+        if output is not None and not isinstance(output, (int, str)) and not callable(output):
+            raise TypeError(f"`output` must be None, an int, a str or a function, got {type(output).__name__}")
+        self.model, self.normalize, self.output = model, Normalize(mean, std), output
+
+    def forward(self, x:Tensor):
+        stats = [t for t in (self.normalize.mean, self.normalize.std) if t is not None]
+        n = stats[0].numel() if stats else 0
+        if n and x.dim() == 4 and x.shape[1] != n:
+            raise ValueError(f"ImageClassifier normalizes {n} channels (`mean`/`std`), but the input has {x.shape[1]}")
+        return read_logits(self.model(self.normalize(x)), self.output)
 
 # %% ../nbs/06_models.ipynb #8d27dd65
 ARCHS = dict(small_cnn=SmallCNN, madry_resnet=MadryResNet, wide_resnet=WideResNet, linear=LinearModel)
