@@ -17,10 +17,10 @@ from .core import *
 from .smooth import softplus_surrogate, check_beta, SURROGATE_MODES, double_backward_attention
 
 # %% auto #0
-__all__ = ['OUTPUTS', 'QUADRATURES', 'ATTRIBUTIONS', 'MAP_OPTIONS', 'output_score', 'gradient', 'saliency', 'input_x_gradient',
-           'quadrature', 'check_internal_batch_size', 'integrated_gradients', 'path_integrated_gradients', 'smoothgrad',
-           'gradient_shap', 'layer_integrated_gradients', 'attribution_map', 'get_attribution', 'log_probs',
-           'class_gradients', 'MapSpec', 'split_map_options']
+__all__ = ['OUTPUTS', 'QUADRATURES', 'ATTRIBUTIONS', 'MAP_OPTIONS', 'CAPTUM_EQUIVALENTS', 'output_score', 'gradient', 'saliency',
+           'input_x_gradient', 'quadrature', 'check_internal_batch_size', 'integrated_gradients',
+           'path_integrated_gradients', 'smoothgrad', 'gradient_shap', 'layer_integrated_gradients', 'attribution_map',
+           'get_attribution', 'log_probs', 'class_gradients', 'MapSpec', 'split_map_options', 'captum_attribution']
 
 # %% ../nbs/02_attribution.ipynb #cb028755
 OUTPUTS = ('logit', 'prob', 'loss')
@@ -306,8 +306,14 @@ ATTRIBUTIONS = {'gradient': gradient, 'saliency': saliency, 'input_x_gradient': 
                 'ig': integrated_gradients, 'integrated_gradients': integrated_gradients,
                 'smoothgrad': smoothgrad, 'gradient_shap': gradient_shap}
 
-def get_attribution(attribution): # a name in `ATTRIBUTIONS`, or a callable with the shared signature
-    "The attribution function for a registered name; callables pass through."
+def _is_captum(a):
+    "Is `a` a captum attribution class or instance, or a name of one ('Saliency', 'captum.attr.Saliency')?"
+    if isinstance(a, str): return a.startswith('captum.') or (a[:1].isupper() and a not in ATTRIBUTIONS)
+    return (a if isinstance(a, type) else type(a)).__module__.startswith('captum.')
+
+def get_attribution(attribution): # a name in `ATTRIBUTIONS`, a callable with the shared signature, or a captum attribution
+    "The attribution function for a registered name; callables pass through; captum's attributions come as `captum_attribution`."
+    if _is_captum(attribution): return captum_attribution(attribution)
     if callable(attribution): return attribution
     if not isinstance(attribution, str):
         raise TypeError(f"`attribution` must be a name or a callable, got {type(attribution).__name__}")
@@ -395,3 +401,73 @@ MAP_OPTIONS = tuple(f.name for f in dataclasses.fields(MapSpec))
 def split_map_options(kwargs:dict): # keyword arguments, some of them `MapSpec` fields
     "`(map options, the rest)` of `kwargs`."
     return {k: v for k,v in kwargs.items() if k in MAP_OPTIONS}, {k: v for k,v in kwargs.items() if k not in MAP_OPTIONS}
+
+# %% ../nbs/02_attribution.ipynb #49fc6cf5
+import inspect
+CAPTUM_EQUIVALENTS = {'Saliency': 'saliency', 'IntegratedGradients': 'ig', 'InputXGradient': 'input_x_gradient',
+                      'GradientShap': 'gradient_shap'}  # captum class -> the equal robust_attr attribution
+_SUPPLIED = ('self', 'forward_func', 'model', 'inputs', 'target', 'baselines')
+
+def _required(fn):
+    "Names of `fn`'s parameters that have no default, and whether it takes `**kwargs`."
+    ps = inspect.signature(fn).parameters.values()
+    return ([p.name for p in ps if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)],
+            any(p.kind is p.VAR_KEYWORD for p in ps), {p.name for p in ps})
+
+def _captum_class(method):
+    "The captum attribution class `method` names or is (an instance's class)."
+    if not isinstance(method, str): return method if isinstance(method, type) else type(method)
+    try: import captum.attr
+    except ImportError: raise ImportError("captum is not installed: `pip install captum` to measure captum's maps") from None
+    cls = getattr(captum.attr, method.split('.')[-1], None)
+    if not (isinstance(cls, type) and issubclass(cls, captum.attr.Attribution)):
+        raise ValueError(f"`method` must name a captum.attr attribution class, got {method!r}")
+    return cls
+
+# %% ../nbs/02_attribution.ipynb #3a36691d
+class captum_attribution:
+    "A captum attribution as a map function `(model, x, target, create_graph)`: captum's map to measure, `surrogate`'s to differentiate."
+    def __init__(self, attribution, # a captum attribution class, an instance built on the model, or a name ('Saliency')
+                 /,
+                 surrogate=None, # the attribution an attack differentiates instead (default: `CAPTUM_EQUIVALENTS`)
+                 **attribute_kwargs): # keyword arguments of its `attribute` call (e.g. `sliding_window_shapes`)
+        self.cls = _captum_class(attribution)
+        self.instance = None if isinstance(attribution, (str, type)) else attribution
+        self.name, self.attribute_kwargs = self.cls.__name__, attribute_kwargs
+        if self.instance is None:
+            missing = [p for p in _required(self.cls.__init__)[0] if p not in _SUPPLIED]
+            if missing: raise ValueError(f"captum's {self.name} needs `{missing[0]}`, which robust_attr cannot supply: pass an "
+                                         f"instance built on the model, e.g. `{self.name}(model, {', '.join(missing)})`")
+        required, any_kw, names = _required(self.cls.attribute)
+        missing = [p for p in required if p not in _SUPPLIED and p not in attribute_kwargs]
+        if missing: raise ValueError(f"captum's {self.name}.attribute needs `{missing[0]}`: pass it, e.g. "
+                                     f"`captum_attribution('{self.name}', {missing[0]}=...)`")
+        unknown = [k for k in attribute_kwargs if k not in names]
+        if unknown and not any_kw: raise TypeError(f"captum's {self.name}.attribute has no argument `{unknown[0]}`")
+        self._baselines = 'baselines' in required and 'baselines' not in attribute_kwargs
+        if surrogate is None: surrogate = CAPTUM_EQUIVALENTS.get(self.name)
+        self.surrogate = None if surrogate is None else get_attribution(surrogate)
+
+    def explainer(self, model:nn.Module):
+        "The captum object explaining `model`: a fresh one, or the given instance if it was built on `model`."
+        if self.instance is None: return self.cls(model)
+        if getattr(self.instance, 'forward_func', getattr(self.instance, 'model', None)) is not model:
+            raise ValueError(f"the {self.name} instance was built on another model than the one explained: build it on that model")
+        return self.instance
+
+    def __call__(self, model:nn.Module, x:Tensor, target, # classifier, batch and classes to explain
+                 create_graph:bool=False): # differentiate the map (then `surrogate`'s map is computed)
+        if create_graph:
+            if self.surrogate is None:
+                raise ValueError(f"captum's {self.name} has no differentiable equivalent in robust_attr: declare the map an attack "
+                                 f"climbs instead, e.g. `captum_attribution('{self.name}', surrogate='saliency')`")
+            return self.surrogate(model, x, target, create_graph=True)
+        target = check_targets(target, len(x), device=x.device)
+        kw = dict(self.attribute_kwargs, **({'baselines': torch.zeros_like(x)} if self._baselines else {}))
+        with eval_mode(model), torch.enable_grad():
+            a = self.explainer(model).attribute(x.detach(), target=target, **kw)
+        if not isinstance(a, Tensor) or a.shape != x.shape:
+            raise ValueError(f"captum's {self.name} must return input-shaped attributions {tuple(x.shape)}, got "
+                             f"{tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__}")
+        return _finite(a.detach())
+    def __repr__(self): return f"captum_attribution({self.name})"

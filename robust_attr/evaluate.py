@@ -12,6 +12,7 @@ from torch import Tensor
 from fastprogress.fastprogress import progress_bar
 from .core import *
 from .attacks import PGD, IFIA, unwrap_model
+from .attribution import get_attribution
 from .metrics import topk_intersection, kendall_tau, spearman, aa_topk, aa_kendall, aa_spearman, check_k
 from .localize import localization_metrics, LOCALIZATION_COLUMNS
 
@@ -41,6 +42,7 @@ class Protocol:
     n:int|None=None # attributional robustness on the first n correctly classified samples (None: all)
     reduce:str='sum' # channel reduction of the maps
     variant:str='full' # 'full' or 'quick'
+    measure:object=None # the measured map: None (the exact model's IG, `ig_steps` points) or any attribution, e.g. captum's 'Saliency'
 
     def __post_init__(self):
         "Reject impossible settings when a protocol is made, naming the setting."
@@ -52,6 +54,12 @@ class Protocol:
         check_choice(self.smooth, ('softplus', 'second_order'), 'smooth')
         check_choice(self.reduce, ('sum', 'mean', 'max', None), 'reduce')
         check_choice(self.variant, ('full', 'quick'), 'variant')
+        if self.measure is not None: get_attribution(self.measure)   # an unknown name or a captum method we cannot call fails here
+
+    def record(self):
+        "The settings as plain data, for results and JSON (the measured map by name)."
+        m = self.measure
+        return {f.name: getattr(self, f.name) for f in fields(self)} | dict(measure=m if m is None or isinstance(m, str) else repr(get_attribution(m)))
 
     @property
     def threat(self): return ThreatModel(self.eps)
@@ -125,7 +133,8 @@ def protocol_attacks(p:Protocol, # the protocol
     "The PGD and IFIA attacks `p` prescribes."
     pgd = PGD(p.threat, p.pgd_step_size, p.pgd_steps, random_start=True, select='best', early_stop=True, seed=seed)
     ifia = IFIA(p.threat, p.ifia_step_size, p.ifia_steps, k=p.attack_k, ig_steps=p.ig_steps, attack_ig_steps=p.attack_ig_steps,
-                beta=p.beta, smooth=p.smooth, restarts=p.restarts, reduce=p.reduce, seed=seed, internal_batch_size=internal_batch_size)
+                beta=p.beta, smooth=p.smooth, restarts=p.restarts, reduce=p.reduce, seed=seed, internal_batch_size=internal_batch_size,
+                measure=p.measure)
     return pgd, ifia
 
 # %% ../nbs/09_evaluate.ipynb #7832bd1a
@@ -253,7 +262,7 @@ def evaluate(model:nn.Module, # the classifier, taking [0,1] inputs
     for k in ('IN', 'CO', 'spearman', 'AA_topk', 'AA_kendall', 'AA_spearman'):
         if k in per: res[k] = per[k].float().mean().item() if len(per[k]) else float('nan')
     res.update(n=len(idx), tried=tried, skipped_misclassified=tried-len(idx), never_moved=int((~per.pop('moved').bool()).sum()),
-               flat_starts=int((per['flat'] > 0).sum()), protocol=asdict(p), seconds=time.time()-start, per_sample=res.pop('per_sample', {}) | {k: v.tolist() for k,v in per.items()})
+               flat_starts=int((per['flat'] > 0).sum()), protocol=p.record(), seconds=time.time()-start, per_sample=res.pop('per_sample', {}) | {k: v.tolist() for k,v in per.items()})
     warn_never_moved(res)
     return res
 

@@ -306,16 +306,30 @@ def test_teacher_must_be_a_module_with_the_students_classes(dls):
 
 
 class FunctionalReLU(nn.Module):
-    "A digits classifier whose nonlinearity is `F.relu`, so no surrogate can replace it."
+    "A digits classifier whose nonlinearity is `F.relu`: the surrogate smooths it like an `nn.ReLU` module."
     def __init__(self): super().__init__(); self.lin1, self.lin2 = nn.Linear(SIZE*SIZE, 32), nn.Linear(32, 10)
     def forward(self, x): return self.lin2(F.relu(self.lin1(x.flatten(1))))
 
 
-@pytest.mark.parametrize('name, warns', [('ig_norm', True), ('ig_sum_norm', True), ('art', True), ('adv_aat', True),
-                                         ('adv', False), ('trades', False)])
-def test_no_relu_warning_only_for_methods_that_need_the_surrogate(dls, name, warns):
-    learn = learner(dls, [make_callback(name)], model=FunctionalReLU())
+class ClampReLU(FunctionalReLU):
+    "The same classifier with ReLU written as arithmetic (`clamp_min(0)`), which no surrogate smooths."
+    def forward(self, x): return self.lin2(self.lin1(x.flatten(1)).clamp_min(0))
+
+
+def surrogate_warnings(dls, name, model):
+    learn = learner(dls, [make_callback(name)], model=model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         fit(learn)
-    assert any('has no nn.ReLU modules' in str(w.message) for w in caught) == warns
+    return [str(w.message) for w in caught if 'softplus_surrogate' in str(w.message)]
+
+
+@pytest.mark.parametrize('name, warns', [('ig_norm', True), ('ig_sum_norm', True), ('art', True), ('adv_aat', True),
+                                         ('adv', False), ('trades', False)])
+def test_unsmoothable_model_warned_only_by_methods_that_need_the_surrogate(dls, name, warns):
+    assert any('ClampReLU ran no ReLU-family activation' in m for m in surrogate_warnings(dls, name, ClampReLU())) == warns
+
+
+@pytest.mark.parametrize('name', ['ig_norm', 'art', 'adv_aat'])
+def test_functional_relu_is_smoothed_without_warning(dls, name):
+    assert surrogate_warnings(dls, name, FunctionalReLU()) == []
