@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from .core import *
-from .smooth import softplus_surrogate, check_beta, SURROGATE_MODES, double_backward_attention
+from .smooth import softplus_surrogate, check_beta, SURROGATE_MODES, twice_differentiable
 
 # %% auto #0
 __all__ = ['OUTPUTS', 'QUADRATURES', 'ATTRIBUTIONS', 'MAP_OPTIONS', 'CAPTUM_EQUIVALENTS', 'output_score', 'gradient', 'saliency',
@@ -56,7 +56,7 @@ def _finite(a:Tensor):
 def _score_grad(model, points, target, of, create_graph):
     "∇ of `output_score` at every row of `points`: one forward and one backward pass."
     points = _leaf(points)
-    with double_backward_attention(create_graph): out = check_logits(model(points), points.shape[0])
+    with twice_differentiable(create_graph): out = check_logits(model(points), points.shape[0])
     return torch.autograd.grad(output_score(out, target, of).sum(), points, create_graph=create_graph)[0]
 
 # %% ../nbs/02_attribution.ipynb #44f32c33
@@ -256,7 +256,7 @@ def _layer_integrand(model, layer, points, direction, target, of, create_graph):
     points, acts = _leaf(points), []
     handle = layer.register_forward_hook(lambda m, i, o: acts.append(o))
     try:
-        with double_backward_attention(): out = check_logits(model(points), points.shape[0])  # the JVP differentiates twice
+        with twice_differentiable(): out = check_logits(model(points), points.shape[0])  # the JVP differentiates twice
     finally: handle.remove()
     if len(acts) != 1:
         raise ValueError(f"`layer` must run exactly once per forward pass, it ran {len(acts)} times "
@@ -332,7 +332,7 @@ def class_gradients(model:nn.Module, x:Tensor, # the classifier and a batch
                     create_graph:bool=True): # keep the graph (training and attacking need it)
     "Input gradients of the logits of each class-index tensor in `classes`, from one forward pass; and the logits."
     x = x if x.requires_grad else x.detach().requires_grad_(True)
-    with double_backward_attention(create_graph): logits = check_logits(model(x), len(x))
+    with twice_differentiable(create_graph): logits = check_logits(model(x), len(x))
     if callable(classes): classes = classes(logits.detach())
     outs = [logits.gather(1, c[:,None]).sum() for c in classes]
     grads = [torch.autograd.grad(o, x, create_graph=create_graph, retain_graph=True)[0] for o in outs]

@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch import Tensor
 from fastai.callback.core import Callback
 from .core import *
-from .smooth import softplus_surrogate, double_backward_attention
+from .smooth import softplus_surrogate, twice_differentiable
 from .attacks import unwrap_model
 from .train import METHODS, FARCallback
 
@@ -160,7 +160,7 @@ class CountPasses(Callback):
 def _pass_work(model, x, y, level, wrt):
     "A forward (level 0), plus a backward (1), plus differentiating the input gradient (2), w.r.t. 'input' or 'params'."
     x = x.detach().requires_grad_()
-    with double_backward_attention(level == 2): out = model(x).gather(1, y[:, None]).sum()
+    with twice_differentiable(level == 2): out = model(x).gather(1, y[:, None]).sum()
     if level == 0: return
     params = [p for p in model.parameters() if p.requires_grad]
     if level == 1: return torch.autograd.grad(out, [x] if wrt=='input' else params)

@@ -16,8 +16,9 @@ from torch.overrides import TorchFunctionMode
 from .core import *
 
 # %% auto #0
-__all__ = ['SURROGATE_MODES', 'PIECEWISE_LINEAR', 'IN_PLACE', 'SMOOTH_ACTIVATIONS', 'UNSMOOTHED', 'check_beta',
-           'second_order_relu', 'SecondOrderReLU', 'surrogate_relu', 'softplus_surrogate', 'double_backward_attention']
+__all__ = ['SURROGATE_MODES', 'PIECEWISE_LINEAR', 'IN_PLACE', 'SMOOTH_ACTIVATIONS', 'UNSMOOTHED', 'NOT_TWICE_DIFFERENTIABLE',
+           'check_beta', 'second_order_relu', 'SecondOrderReLU', 'surrogate_relu', 'softplus_surrogate',
+           'twice_differentiable']
 
 # %% ../nbs/01_smooth.ipynb #47636e04
 SURROGATE_MODES = ('softplus', 'second_order')
@@ -98,6 +99,17 @@ SMOOTH_ACTIVATIONS = {F.gelu, F.silu, F.softplus, F.elu, F.selu, F.celu, F.mish,
 UNSMOOTHED = {F.prelu, torch.prelu, F.rrelu, F.threshold}
 
 # %% ../nbs/01_smooth.ipynb #5453259e
+def _in_relu_form(func, args, kwargs, relu, exact:bool):
+    "`func(*args, **kwargs)`, a piecewise-linear activation, computed in its ReLU form with `relu` (in place if asked)."
+    form, exact_fn = PIECEWISE_LINEAR[func]
+    kwargs = dict(kwargs or {})
+    in_place = kwargs.pop('inplace', False) or func in IN_PLACE
+    x, options = args[0], args[1:]
+    source = x.clone() if in_place else x          # the form keeps its input for the backward pass
+    y = form(source, relu, *options, **kwargs)
+    if exact and form is not _relu_form: y = exact_fn(source.detach(), *options, **kwargs) + (y - y.detach())
+    return x.copy_(y) if in_place else y
+
 class _SmoothActivations(TorchFunctionMode):
     "Inside: every piecewise-linear activation computed in its ReLU form with `relu`; counts the activations it saw."
     def __init__(self, relu, exact:bool, seen:Counter):
@@ -105,19 +117,12 @@ class _SmoothActivations(TorchFunctionMode):
         self.relu, self.exact, self.seen = relu, exact, seen
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func not in PIECEWISE_LINEAR:
-            if func in SMOOTH_ACTIVATIONS: self.seen['smooth'] += 1
-            elif func in UNSMOOTHED: self.seen[func.__name__] += 1
-            return func(*args, **kwargs)
-        self.seen['smoothed'] += 1
-        form, exact = PIECEWISE_LINEAR[func]
-        in_place = kwargs.pop('inplace', False) or func in IN_PLACE
-        x, options = args[0], args[1:]
-        source = x.clone() if in_place else x          # the surrogate keeps its input for the backward pass
-        y = form(source, self.relu, *options, **kwargs)
-        if self.exact and form is not _relu_form: y = exact(source.detach(), *options, **kwargs) + (y - y.detach())
-        return x.copy_(y) if in_place else y
+        if func in PIECEWISE_LINEAR:
+            self.seen['smoothed'] += 1
+            return _in_relu_form(func, args, kwargs, self.relu, self.exact)
+        if func in SMOOTH_ACTIVATIONS: self.seen['smooth'] += 1
+        elif func in UNSMOOTHED: self.seen[func.__name__] += 1
+        return func(*args, **(kwargs or {}))
 
 # %% ../nbs/01_smooth.ipynb #12e12ec6
 def _warn_unsmoothed(model, seen:Counter):
@@ -153,7 +158,16 @@ def softplus_surrogate(model:nn.Module, # the network to smooth
 
 # %% ../nbs/01_smooth.ipynb #e1b495a8
 from torch.nn.attention import sdpa_kernel, SDPBackend
+NOT_TWICE_DIFFERENTIABLE = {F.hardsigmoid}  # activations whose torch backward cannot be differentiated
 
-def double_backward_attention(create_graph:bool=True): # will a gradient of this computation be differentiated again?
-    "Context: attention on the math backend (differentiable twice) when `create_graph`, else the backends as they are."
-    return sdpa_kernel(SDPBackend.MATH) if create_graph else contextlib.nullcontext()
+class _TwiceDifferentiableOps(TorchFunctionMode):
+    "Inside: the activations of `NOT_TWICE_DIFFERENTIABLE` computed in their ReLU form (same value and derivative)."
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in NOT_TWICE_DIFFERENTIABLE: return _in_relu_form(func, args, kwargs, torch.relu, exact=True)
+        return func(*args, **(kwargs or {}))
+
+@contextmanager
+def twice_differentiable(create_graph:bool=True): # will a gradient of this computation be differentiated again?
+    "Context: attention on its math backend and Hardsigmoid from ReLUs when `create_graph`; else nothing changes."
+    if not create_graph: yield; return
+    with sdpa_kernel(SDPBackend.MATH), _TwiceDifferentiableOps(): yield
