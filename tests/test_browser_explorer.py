@@ -16,7 +16,7 @@ webdriver = pytest.importorskip('selenium.webdriver')
 pytest.importorskip('voila')
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,9 @@ def status(d): return d.find_elements(By.CSS_SELECTOR, '.widget-html-content')[0
 def table(d): return d.find_elements(By.CSS_SELECTOR, '.widget-html-content')[1].text
 def images(d): return d.find_elements(By.CSS_SELECTOR, '.widget-image')
 def wait_status(d, pattern, timeout=RUN_S):
-    WebDriverWait(d, timeout).until(lambda d: re.search(pattern, status(d)))
+    "Wait until the status line matches `pattern`; fail saying what the page shows instead."
+    try: WebDriverWait(d, timeout).until(lambda d: re.search(pattern, status(d)))
+    except TimeoutException: raise AssertionError(f"after {timeout} s the status line is {status(d)!r}, not /{pattern}/") from None
     return status(d)
 
 def pixels(d, img):
