@@ -426,7 +426,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 # %% ../nbs/12_cli.ipynb #3a8f0772
 from .explore_app import explore
-COMMANDS = dict(demo=demo, train=train, evaluate=evaluate_saved, explore=explore)
+from .report import audit_saved  # issue 17: the audit command lives in robust_attr.report
+COMMANDS = dict(demo=demo, train=train, evaluate=evaluate_saved, explore=explore, audit=audit_saved)
 
 def _first_clause(doc): return doc.split('; ')[0].rstrip('.') + '.'
 
