@@ -84,7 +84,7 @@ def main(argv=None):
     idx = correct_by_all(models, x, y, a.n)
     x, y = x[idx], y[idx]
     p = get_protocol('fashion_mnist', 'quick', n=a.n, **SIZES)
-    out = dict(env=env_info(), load_start=load_start, protocol=p.__dict__, n=len(idx), images=idx.tolist(), models={})
+    out = dict(env=env_info(), load_start=load_start, protocol=p.record(), n=len(idx), images=idx.tolist(), models={})
     for name, m in models.items():
         print(f'{name} ...', flush=True)
         out['models'][name] = run_model(m, x, y, p, a.bs)
