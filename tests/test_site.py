@@ -1,0 +1,75 @@
+"""The documentation site without Quarto (`tools/site.py`): built offline from the notebooks, every page opened in
+headless Chromium, every link followed to a page (and its anchor) or a file that exists, every image decoded."""
+import os, shutil, subprocess, sys
+from pathlib import Path
+from urllib.parse import urlparse, unquote
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM, DRIVER = shutil.which('chromium') or '/usr/bin/chromium', shutil.which('chromedriver') or '/usr/bin/chromedriver'
+
+
+@pytest.fixture(scope='module')
+def site(tmp_path_factory):
+    "The site, built by `python tools/site.py` into a temporary folder; `(folder, exit status, stderr)`."
+    out = tmp_path_factory.mktemp('site')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
+    r = subprocess.run([sys.executable, str(ROOT/'tools'/'site.py'), '--out', str(out)], capture_output=True, text=True,
+                       cwd=ROOT, env=env, timeout=900)
+    assert (out/'index.html').exists(), r.stdout[-3000:] + r.stderr[-3000:]
+    return out, r.returncode, r.stderr
+
+
+def test_nbdev_processes_every_notebook(site):
+    "nbdev's documentation processing (the step nbdev_docs runs before Quarto) succeeds on every notebook."
+    out, rc, err = site
+    assert rc == 0, err[err.find("nbdev's documentation processing"):][-3000:]
+
+
+def test_site_has_every_page(site):
+    site = site[0]
+    pages = {p.relative_to(site).as_posix() for p in site.rglob('*.html')}
+    assert 'index.html' in pages and 'widgets.html' in pages and 'explore_app.html' in pages
+    tutorials = {f'tutorials/{p.stem}.html' for p in (ROOT/'nbs'/'tutorials').glob('*.ipynb')}
+    assert tutorials <= pages, tutorials - pages
+    assert 'id="saliencyexplorer"' in (site/'widgets.html').read_text()  # show_doc output, with its anchor
+    assert (site/'tutorials'/'fragile.html').read_text().count('<img alt="figure"') >= 2  # the committed figures
+
+
+COLLECT = """
+const ids = [...document.querySelectorAll('[id]')].map(e => e.id);
+const links = [...document.querySelectorAll('a[href]')].map(a => a.href);
+const imgs = [...document.querySelectorAll('img')].map(i => [i.getAttribute('src').slice(0, 80), i.complete && i.naturalWidth > 0]);
+return [ids, links, imgs, document.querySelectorAll('nav a').length];
+"""
+
+
+def test_no_broken_links_or_missing_images(site):
+    site = site[0] if isinstance(site, tuple) else site
+    if not (Path(CHROMIUM).exists() and Path(DRIVER).exists()): pytest.skip("apt-get install chromium chromium-driver")
+    webdriver = pytest.importorskip('selenium.webdriver')
+    o = webdriver.ChromeOptions()
+    for a in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--allow-file-access-from-files'): o.add_argument(a)
+    o.binary_location = CHROMIUM
+    d = webdriver.Chrome(service=webdriver.ChromeService(DRIVER), options=o)
+    pages, seen = sorted(site.rglob('*.html')), {}
+    try:
+        for p in pages:
+            d.get(p.as_uri())
+            seen[p] = d.execute_script(COLLECT)
+    finally: d.quit()
+    broken, missing, external = [], [], set()
+    for p, (ids, links, imgs, nav) in seen.items():
+        assert nav == len(pages), f"{p.name}: the sidebar links {nav} pages of {len(pages)}"
+        missing += [f"{p.relative_to(site)}: {src}" for src, ok in imgs if not ok]
+        for url in links:
+            u = urlparse(url)
+            if u.scheme in ('http', 'https'): external.add(u.netloc); continue
+            if u.scheme != 'file': continue
+            target = Path(unquote(u.path))
+            if not target.exists(): broken.append(f"{p.relative_to(site)} → {url}")
+            elif u.fragment and target.suffix == '.html' and target in seen and unquote(u.fragment) not in seen[target][0]:
+                broken.append(f"{p.relative_to(site)} → {url} (no such anchor)")
+    assert not missing, missing
+    assert not broken, '\n'.join(broken[:40])
+    assert 'robust-attr.github.io' not in external  # the doc host's links are relative on the offline site

@@ -1,0 +1,220 @@
+"""A browsable documentation site without Quarto: `python tools/site.py [--out _site]`.
+
+nbdev's own processing (`nbdev.serve.proc_nbs`, the step `nbdev_docs` runs before Quarto) turns the notebooks into
+documentation notebooks in `_proc/`: `show_doc` output for every exported name, hidden cells removed, names in backticks
+linked. This script renders those to static HTML with a navigation sidebar on every page: the home page (index), the
+tutorials with their committed outputs, and the module pages. It works offline: figures are embedded, images copied,
+links to other pages made relative, links to files of the repository outside `nbs/` pointed at the repository on
+GitHub (`git_url` of settings.ini) when the file exists. `nbdev_docs` (with Quarto) is unchanged and still works.
+`tests/test_site.py` builds the site and checks it in headless Chromium for broken links and missing images."""
+import argparse, html, json, re, shutil, sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:0;display:flex;color:#222;line-height:1.5}
+nav{width:15rem;flex:none;padding:1rem;background:#f6f7f9;border-right:1px solid #ddd;height:100vh;position:sticky;top:0;overflow:auto;font-size:.9rem}
+nav h2{font-size:.8rem;text-transform:uppercase;color:#666;margin:1.2rem 0 .3rem} nav ul{list-style:none;padding:0;margin:0}
+nav li{margin:.15rem 0} nav a{color:#1a5fb4;text-decoration:none} nav a.here{font-weight:bold;color:#000}
+main{max-width:58rem;padding:1rem 2rem 4rem;min-width:0} pre{background:#f6f8fa;padding:.6rem;overflow:auto;font-size:.85rem}
+.output pre{background:#fff;border-left:3px solid #ddd} .output img{max-width:100%} img{max-width:100%}
+table{border-collapse:collapse;font-size:.85rem} td,th{border:1px solid #ddd;padding:.2rem .5rem}
+.description{font-size:1.15rem;color:#555} .source{float:right;font-size:smaller} code{background:#f2f2f2;padding:0 .2rem}
+.widget-note{color:#777;font-style:italic} hr{border:0;border-top:1px solid #ddd;margin:2rem 0 1rem}
+"""
+
+
+def _cfg():
+    from nbdev.config import get_config
+    return get_config()
+
+
+def _proc_one(item):
+    "nbdev's processing of one notebook (`nbdev.serve_drv.main`); the error as text if it fails."
+    import nbdev.serve_drv
+    try: nbdev.serve_drv.main(item)
+    except Exception as e: return f"{item[0].relative_to(ROOT)}: {' '.join(str(e).split())[:300]}"
+
+
+def process(n_workers=2):
+    """nbdev's documentation processing of every notebook into `_proc/` (what `nbdev_docs` hands to Quarto, the same way as
+    `nbdev.serve.proc_nbs`), each notebook on its own; returns `(folder, failures)`."""
+    from nbdev.doclinks import nbglob
+    from nbdev.serve import _proc_file
+    from fastcore.parallel import parallel
+    from fastcore.xtras import working_directory
+    cfg = _cfg()
+    cache, path = cfg.config_path/'_proc', cfg.nbs_path
+    if cache.exists(): shutil.rmtree(cache)
+    cache.mkdir(parents=True)
+    with working_directory(ROOT):
+        items = [x for f in nbglob(path, func=Path, file_glob='', file_re='') if (x := _proc_file(f, cache=cache, path=path))]
+        for f in path.rglob('*'):  # the images and other files next to the notebooks
+            if f.is_file() and f.suffix != '.ipynb': _proc_file(f, cache=cache, path=path)
+        errors = parallel(_proc_one, items, n_workers=n_workers, pause=0.01)  # forked: this process has imported nbdev only
+    return cache, [e for e in errors if e]
+
+
+def _frontmatter(cell):
+    "title, description and output-file from a processed notebook's raw frontmatter cell."
+    import yaml
+    src = ''.join(cell['source']).strip()
+    return yaml.safe_load(src.strip('-')) if src.startswith('---') else {}
+
+
+def _markdown(text):
+    "Markdown to HTML (mistune, which nbconvert uses), with Quarto's `{...}` attributes dropped."
+    import mistune
+    text = re.sub(r'\]\(([^)\s]+)\)\{[^}]*\}', r'](\1)', text)
+    return mistune.html(text)
+
+
+def _slug(text):
+    "Quarto's heading id: lower case, spaces to '-', only letters, digits, '_', '-' and '.'."
+    return re.sub(r'[^a-z0-9_.\-]', '', re.sub(r'\s+', '-', html.unescape(re.sub(r'<[^>]+>', '', text)).strip().lower()))
+
+
+def _ids(body):
+    "Give each heading its Quarto id, so nbdev's links (`page.html#name`) land on it."
+    return re.sub(r'<h([1-6])>(.*?)</h\1>', lambda m: f'<h{m[1]} id="{_slug(m[2])}">{m[2]}</h{m[1]}>', body, flags=re.S)
+
+
+def _code(src):
+    "A code cell's source without `#|` lines, highlighted."
+    from pygments import highlight
+    from pygments.lexers import PythonLexer
+    from pygments.formatters import HtmlFormatter
+    src = '\n'.join(l for l in src.splitlines() if not l.startswith('#|')).strip()
+    return highlight(src, PythonLexer(), HtmlFormatter(nowrap=True)) if src else ''
+
+
+def _output(o):
+    "One cell output as HTML."
+    if o['output_type'] == 'stream': return f"<pre>{html.escape(''.join(o['text']))}</pre>"
+    if o['output_type'] == 'error': return f"<pre>{html.escape(o.get('ename', '') + ': ' + o.get('evalue', ''))}</pre>"
+    d = o.get('data', {})
+    if 'image/png' in d: return f'<img alt="figure" src="data:image/png;base64,{"".join(d["image/png"]).strip()}">'
+    if 'image/svg+xml' in d: return ''.join(d['image/svg+xml'])
+    if 'application/vnd.jupyter.widget-view+json' in d:
+        return '<p class="widget-note">(an interactive widget: it runs in a notebook or with <code>robust_attr explore</code>)</p>'
+    if 'text/html' in d: return ''.join(d['text/html'])
+    if 'text/markdown' in d: return _markdown(''.join(d['text/markdown']))
+    if 'text/plain' in d: return f"<pre>{html.escape(''.join(d['text/plain']))}</pre>"
+    return ''
+
+
+def _cell(c):
+    if c['cell_type'] == 'markdown': return _markdown(''.join(c['source']))
+    if c['cell_type'] != 'code': return ''
+    src = ''.join(c['source'])
+    echo = not re.search(r'^#\|\s*echo:\s*false', src, re.M)
+    out = ''.join(_output(o) for o in c.get('outputs', []))
+    return (f'<pre class="code">{_code(src)}</pre>' if echo and _code(src) else '') + (f'<div class="output">{out}</div>' if out else '')
+
+
+def _pages(proc):
+    "{processed notebook: (html path relative to the site, title, description)} for every page."
+    pages = {}
+    for nb in sorted(proc.rglob('*.ipynb')):
+        cells = json.loads(nb.read_text())['cells']
+        fm = _frontmatter(cells[0]) if cells and cells[0]['cell_type'] == 'raw' else {}
+        out = nb.relative_to(proc).parent/fm.get('output-file', nb.with_suffix('.html').name)
+        pages[nb] = (out.as_posix(), fm.get('title', nb.stem), fm.get('description', ''))
+    return pages
+
+
+def _base(cfg): return f"{cfg.doc_host.rstrip('/')}{cfg.doc_baseurl.rstrip('/')}/"
+
+
+def _rel(target, start):
+    "Path `target` relative to the folder of page `start` (both relative to the site root)."
+    import os.path
+    return os.path.relpath(target, Path(start).parent.as_posix() or '.')
+
+
+def _private_links(body, base, ids):
+    "nbdev links every name in backticks, private ones too, which have no documentation to land on: keep their text only."
+    def unlink(m):
+        target, _, frag = html.unescape(m[1])[len(base):].partition('#')
+        return m[2] if frag.startswith('_') and frag not in ids.get(target, ()) else m[0]
+    return re.sub(rf'<a href="({re.escape(base)}[^"]*)">(.*?)</a>', unlink, body, flags=re.S)
+
+
+def _links(body, page, nb_src, by_src, cfg):
+    "Rewrite a page's links for the static site: notebooks to pages, the doc host to relative paths, repository files to GitHub."
+    base = _base(cfg)
+    def fix(m):
+        attr, url = m[1], html.unescape(m[2])
+        if url.startswith(base): return f'{attr}="{html.escape(_rel(url[len(base):], page))}"'
+        if re.match(r'^[a-z]+:|^#|^data:', url): return m[0]
+        path, _, frag = url.partition('#')
+        target = (nb_src.parent/path).resolve()
+        if not target.exists() and (ROOT/path).exists(): target = (ROOT/path).resolve()  # the README's links, from the root
+        if target.suffix == '.ipynb' and target in by_src: new = _rel(by_src[target], page)
+        elif target.is_relative_to(ROOT/'nbs'): new = _rel(target.relative_to(ROOT/'nbs').as_posix(), page)  # a file of the site
+        elif target.exists() and target.is_relative_to(ROOT):
+            new = f"{cfg.git_url.rstrip('/')}/blob/{cfg.branch}/{target.relative_to(ROOT).as_posix()}"
+        else: return m[0]  # left as it is: the link check reports it
+        return f'{attr}="{html.escape(new + ("#" + frag if frag else ""))}"'
+    return re.sub(r'\b(href|src)="([^"]*)"', fix, body)
+
+
+def _nav(pages, here):
+    "The sidebar: home, tutorials, modules, each link relative to `here`."
+    groups = {'': [], 'Tutorials': [], 'Reference': []}
+    for out, title, _ in sorted(pages.values()):
+        g = '' if out == 'index.html' else 'Tutorials' if out.startswith('tutorials/') else 'Reference'
+        groups[g].append((out, title))
+    items = []
+    for g, ps in groups.items():
+        if g: items.append(f'<h2>{g}</h2>')
+        items.append('<ul>' + ''.join(f'<li><a href="{_rel(o, here)}"{" class=here" if o == here else ""}>{html.escape(t)}</a></li>'
+                                      for o, t in ps) + '</ul>')
+    return '<nav>' + ''.join(items) + '</nav>'
+
+
+def build(out=ROOT/'_site', proc=None, n_workers=2):
+    "Render the processed notebooks to a static site in `out`; return the list of pages written."
+    cfg, out = _cfg(), Path(out)
+    proc, failures = (Path(proc), []) if proc else process(n_workers)
+    pages = _pages(proc)
+    src_of = {nb: (ROOT/'nbs'/nb.relative_to(proc)).resolve() for nb in pages}
+    by_src = {src_of[nb]: p[0] for nb, p in pages.items()}
+    if out.exists(): shutil.rmtree(out)
+    for f in proc.rglob('*'):  # images and other files the pages use
+        if f.is_file() and f.suffix not in ('.ipynb', '.yml', '.py', '.md', '.qmd') and not f.name.startswith('.'):
+            (out/f.relative_to(proc)).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(f, out/f.relative_to(proc))
+    bodies = {}
+    for nb, (page, title, desc) in pages.items():
+        cells = json.loads(nb.read_text())['cells']
+        bodies[nb] = _ids(''.join(_cell(c) for c in cells if not (c['cell_type'] == 'raw' or '<!-- WARNING' in ''.join(c['source']))))
+    ids = {pages[nb][0]: set(re.findall(r'\bid="([^"]+)"', b)) for nb, b in bodies.items()}
+    written = []
+    for nb, (page, title, desc) in pages.items():
+        body = _links(_private_links(bodies[nb], _base(cfg), ids), page, src_of[nb], by_src, cfg)
+        head = f"<h1>{html.escape(title)}</h1>" + (f'<p class="description">{_markdown(desc)[3:-5]}</p>' if desc else '')
+        doc = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)} – {cfg.lib_name}</title>'
+               f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head>'
+               f'<body>{_nav(pages, page)}<main>{_ids(head)}{body}</main></body></html>')
+        (out/page).parent.mkdir(parents=True, exist_ok=True)
+        (out/page).write_text(doc, encoding='utf-8')
+        written.append(page)
+    return written, failures
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--out', default=str(ROOT/'_site'), help='folder to write the site to (default: _site, git-ignored)')
+    p.add_argument('--proc', default=None, help='use notebooks nbdev has already processed in this folder (default: process them now)')
+    p.add_argument('--workers', type=int, default=2, help='processes for nbdev\'s processing')
+    a = p.parse_args(argv)
+    pages, failures = build(a.out, a.proc, a.workers)
+    print(f"wrote {len(pages)} pages to {a.out}/ (open {Path(a.out)/'index.html'})")
+    if failures:
+        print(f"nbdev's documentation processing (as nbdev_docs runs it) failed on {len(failures)} notebook(s); their pages "
+              "are missing:\n" + '\n'.join(failures), file=sys.stderr)
+        return 1
+
+
+if __name__ == '__main__': sys.exit(main())
