@@ -27,7 +27,7 @@ table{border-collapse:collapse;font-size:.85rem} td,th{border:1px solid #ddd;pad
 
 def _cfg():
     from nbdev.config import get_config
-    return get_config()
+    return get_config(path=ROOT)
 
 
 def _proc_one(item):

@@ -28,7 +28,7 @@ def _skips(flags=()):
     "nbdev_test's rule for the cells it does not run, with `flags` forced on."
     from nbdev.config import get_config
     from nbdev.process import extract_directives
-    skip = set(get_config().tst_flags.split()) - set(flags)
+    skip = set(get_config(path=ROOT).tst_flags.split()) - set(flags)
     def no_eval(cell):
         if cell.cell_type != 'code': return True
         if 'nbdev_export' + '(' in cell.source: return True
