@@ -30,19 +30,53 @@ def _cfg():
     return get_config(path=ROOT)
 
 
-def _proc_one(item):
-    "nbdev's processing of one notebook (`nbdev.serve_drv.main`); the error as text if it fails."
+def _worker(pairs):
+    "In a worker process: nbdev's processing (`nbdev.serve_drv.main`) of each `(notebook, destination)`; the failures as text."
     import nbdev.serve_drv
-    try: nbdev.serve_drv.main(item)
-    except Exception as e: return f"{item[0].relative_to(ROOT)}: {' '.join(str(e).split())[:300]}"
+    from nbdev.processors import FilterDefaults
+    errors = []
+    for src, dst in pairs:
+        try: nbdev.serve_drv.main((Path(src), Path(dst), FilterDefaults))
+        except Exception as e:
+            errors.append(f"{Path(src).relative_to(ROOT)}: {' '.join(str(e).split())[:300]}")
+            try: _unprocessed(Path(src), Path(dst))
+            except Exception as e: errors.append(f"{Path(src).relative_to(ROOT)}: even with imports in cells of their own: {' '.join(str(e).split())[:200]}")
+    return errors
+
+
+def _split_imports(cell):
+    "A code cell that mixes imports with other code as two cells, the imports first (nbdev's FAQ), or None if it does not."
+    import ast
+    src = ''.join(cell['source'])
+    try: body = ast.parse(src).body
+    except SyntaxError: return None
+    imp = [n for n in body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    if not imp or len(imp) == len(body): return None
+    lines = src.splitlines(keepends=True)
+    keep = {i for n in imp for i in range(n.lineno - 1, n.end_lineno)}
+    directives = [l for l in lines if l.startswith('#|')]
+    first = dict(cell, source=''.join(directives + [l for i, l in enumerate(lines) if i in keep]), outputs=[])
+    return [first, dict(cell, source=''.join(l for i, l in enumerate(lines) if i not in keep))]
+
+
+def _unprocessed(src, dst):
+    "Process a notebook nbdev could not, after splitting its cells that mix imports with other code (nbdev runs those whole)."
+    import tempfile, nbdev.serve_drv
+    from nbdev.processors import FilterDefaults
+    nb = json.loads(src.read_text())
+    nb['cells'] = [d for c in nb['cells'] for d in ((_split_imports(c) if c['cell_type'] == 'code' else None) or [c])]
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)/src.name
+        tmp.write_text(json.dumps(nb))
+        nbdev.serve_drv.main((tmp, dst, FilterDefaults))
 
 
 def process(n_workers=2):
-    """nbdev's documentation processing of every notebook into `_proc/` (what `nbdev_docs` hands to Quarto, the same way as
-    `nbdev.serve.proc_nbs`), each notebook on its own; returns `(folder, failures)`."""
+    """nbdev's documentation processing of every notebook into `_proc/` (what `nbdev_docs` hands to Quarto, as
+    `nbdev.serve.proc_nbs` does it), in `n_workers` processes, each notebook on its own; returns `(folder, failures)`."""
+    import subprocess
     from nbdev.doclinks import nbglob
     from nbdev.serve import _proc_file
-    from fastcore.parallel import parallel
     from fastcore.xtras import working_directory
     cfg = _cfg()
     cache, path = cfg.config_path/'_proc', cfg.nbs_path
@@ -52,8 +86,18 @@ def process(n_workers=2):
         items = [x for f in nbglob(path, func=Path, file_glob='', file_re='') if (x := _proc_file(f, cache=cache, path=path))]
         for f in path.rglob('*'):  # the images and other files next to the notebooks
             if f.is_file() and f.suffix != '.ipynb': _proc_file(f, cache=cache, path=path)
-        errors = parallel(_proc_one, items, n_workers=n_workers, pause=0.01)  # forked: this process has imported nbdev only
-    return cache, [e for e in errors if e]
+    chunks = [[[str(s), str(d)] for s, d, _ in items[i::max(n_workers, 1)]] for i in range(max(n_workers, 1))]
+    procs = [subprocess.Popen([sys.executable, __file__, '--worker'], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT) for c in chunks]
+    errors = []
+    for p, c in zip(procs, chunks):
+        p.stdin.write(json.dumps(c)); p.stdin.close()
+    for p, c in zip(procs, chunks):
+        out = p.stdout.read(); p.wait()
+        last = out.strip().splitlines()[-1] if out.strip() else ''
+        try: errors += json.loads(last)
+        except json.JSONDecodeError: errors.append(f"a worker processing {[Path(s).name for s, _ in c]} ended with status {p.returncode}")
+    return cache, errors
 
 
 def _frontmatter(cell):
@@ -204,6 +248,11 @@ def build(out=ROOT/'_site', proc=None, n_workers=2):
 
 
 def main(argv=None):
+    if (argv or sys.argv[1:]) == ['--worker']:  # one of `process`'s workers
+        import contextlib, io
+        pairs = json.loads(sys.stdin.read())
+        with contextlib.redirect_stdout(io.StringIO()): errors = _worker(pairs)
+        print(json.dumps(errors)); return 0
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--out', default=str(ROOT/'_site'), help='folder to write the site to (default: _site, git-ignored)')
     p.add_argument('--proc', default=None, help='use notebooks nbdev has already processed in this folder (default: process them now)')
@@ -213,7 +262,7 @@ def main(argv=None):
     print(f"wrote {len(pages)} pages to {a.out}/ (open {Path(a.out)/'index.html'})")
     if failures:
         print(f"nbdev's documentation processing (as nbdev_docs runs it) failed on {len(failures)} notebook(s); their pages "
-              "are missing:\n" + '\n'.join(failures), file=sys.stderr)
+              "are built after splitting cells that mix imports with other code (see nbdev's FAQ):\n" + '\n'.join(failures), file=sys.stderr)
         return 1
 
 
