@@ -177,12 +177,18 @@ def _rel(target, start):
     return os.path.relpath(target, Path(start).parent.as_posix() or '.')
 
 
-def _private_links(body, base, ids):
-    "nbdev links every name in backticks, private ones too, which have no documentation to land on: keep their text only."
-    def unlink(m):
+def _doc_links(body, base, ids):
+    """nbdev links every name in backticks, including private names and methods that have no documentation of their own:
+    a private name keeps its text only; `Class.method` without a heading of its own points at `method`'s or `Class`'s."""
+    def fix(m):
         target, _, frag = html.unescape(m[1])[len(base):].partition('#')
-        return m[2] if frag.startswith('_') and frag not in ids.get(target, ()) else m[0]
-    return re.sub(rf'<a href="({re.escape(base)}[^"]*)">(.*?)</a>', unlink, body, flags=re.S)
+        have = ids.get(target, set())
+        if not frag or frag in have: return m[0]
+        if frag.startswith('_'): return m[2]
+        owner, _, name = frag.rpartition('.')
+        alt = next((a for a in (name, owner) if a and a in have), None)
+        return m[0] if alt is None else f'<a href="{html.escape(base + target + "#" + alt)}">{m[2]}</a>'
+    return re.sub(rf'<a href="({re.escape(base)}[^"]*)">(.*?)</a>', fix, body, flags=re.S)
 
 
 def _links(body, page, nb_src, by_src, cfg):
@@ -236,7 +242,7 @@ def build(out=ROOT/'_site', proc=None, n_workers=2):
     ids = {pages[nb][0]: set(re.findall(r'\bid="([^"]+)"', b)) for nb, b in bodies.items()}
     written = []
     for nb, (page, title, desc) in pages.items():
-        body = _links(_private_links(bodies[nb], _base(cfg), ids), page, src_of[nb], by_src, cfg)
+        body = _links(_doc_links(bodies[nb], _base(cfg), ids), page, src_of[nb], by_src, cfg)
         head = f"<h1>{html.escape(title)}</h1>" + (f'<p class="description">{_markdown(desc)[3:-5]}</p>' if desc else '')
         doc = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)} – {cfg.lib_name}</title>'
                f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head>'
