@@ -19,7 +19,7 @@ def test_tutorials_are_skipped_by_nbdev_test_and_all_have_outputs():
     assert len(nbs) >= 7
     import json
     bare = [n.name for n in nbs if not any(c.get('outputs') for c in json.loads(n.read_text())['cells'] if c['cell_type'] == 'code')]
-    assert not bare, f"committed without outputs: {bare}; run python tools/tutorials.py write on them"
+    assert not bare, f"tutorials without outputs: {bare}; run python tools/tutorials.py write on each"
 
 
 def test_committed_outputs_are_those_of_the_committed_code():
