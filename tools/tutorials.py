@@ -66,7 +66,9 @@ def execute(path, flags=()):
 
 # other packages' deprecation notices speak to their developers, and name paths of this machine
 _QUIET = ("import warnings\nfor c in (DeprecationWarning, PendingDeprecationWarning, FutureWarning): "
-          "warnings.filterwarnings('ignore', category=c, module='(?!robust_attr)')")
+          "warnings.filterwarnings('ignore', category=c, module='(?!robust_attr)')\n"
+          # a warning as a reader needs it: no file path of this machine, no line number that moves with every edit
+          "warnings.formatwarning = lambda message, category, *a, **k: f'{category.__name__}: {message}\\n'")
 
 def _last_of_lines(text):
     "What a terminal shows of text with carriage returns: each line's part after its last `\\r` (progress bars)."
@@ -106,6 +108,7 @@ def write(path):
 _NUM = re.compile(r'[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?')
 _VOLATILE = [(re.compile(r'\b\d+:\d\d(?::\d\d)?\b'), '<time>'),              # fastai's time column, 00:03
              (re.compile(r'\b\d+(?:\.\d+)?\s?(?:s|ms|sec|secs|seconds|min)\b'), '<time>'),  # 2.5 s, 12 secs
+             (re.compile(r'\S+\.py:\d+: '), '<where>: '),                        # a warning's file and line
              (re.compile(r'0x[0-9a-fA-F]+'), '<addr>'),
              (re.compile(r'"model_id": "[0-9a-f]+"|model_id=\S+'), '<model_id>'),
              (re.compile(r'\bid="[^"]*"|\bT_[0-9a-f_]+'), '<id>'),              # pandas Styler ids
