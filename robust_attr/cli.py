@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['LEGEND', 'DEMO_PROTOCOL', 'CHOICES', 'COMMANDS', 'parse_setting', 'parse_settings', 'positive', 'at_least', 'one_of',
-           'output_file', 'output_dir', 'checkpoint', 'check_args', 'option', 'checked', 'train', 'evaluation_target',
-           'legend', 'protocol_lines', 'report', 'evaluate_saved', 'demo', 'RegistryNames', 'add_options',
-           'OneLineParser', 'main']
+__all__ = ['LEGEND', 'DEMO_PROTOCOL', 'DEMO_AAT', 'CHOICES', 'COMMANDS', 'parse_setting', 'parse_settings', 'positive',
+           'at_least', 'one_of', 'output_file', 'output_dir', 'checkpoint', 'check_args', 'option', 'checked', 'train',
+           'evaluation_target', 'legend', 'protocol_lines', 'report', 'evaluate_saved', 'native_bf16', 'demo',
+           'RegistryNames', 'add_options', 'OneLineParser', 'main']
 
 # %% ../nbs/12_cli.ipynb #b8bc284d
 def parse_setting(pair:str): # a `key=value` string
@@ -281,23 +281,47 @@ def _check_settings(settings:dict, # names given
     if unknown: raise ValueError(f"unknown settings {sorted(unknown)}; settings: {sorted(known)}")
 
 # %% ../nbs/12_cli.ipynb #1b11b6de
-DEMO_PROTOCOL = dict(n=100, ifia_steps=15, ig_steps=16, attack_ig_steps=4, pgd_steps=10)
+DEMO_PROTOCOL = dict(n=60, ifia_steps=15, ig_steps=16, attack_ig_steps=4, pgd_steps=10)
+DEMO_AAT = dict(lam=5.0, steps=2, ig_steps=4)  # AAT's fine-tuning settings (FAR's recipe, shrunk; see above)
 
-@checked(nat_epochs=at_least(1), aat_epochs=at_least(1), n_eval=at_least(1), n_train=at_least(1), out=output_dir)
+def native_bf16(device='cpu'): # the device the work runs on
+    "'bf16' where the device computes in bfloat16 natively (a CPU with AVX-512 BF16 / AMX, a GPU that supports it), else 'fp32'."
+    import torch
+    if torch.device(device).type == 'cuda': return 'bf16' if torch.cuda.is_bf16_supported() else 'fp32'
+    try: return 'bf16' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'fp32'
+    except (AttributeError, RuntimeError): return 'fp32'
+
+@contextlib.contextmanager
+def _torch_threads(n:int): # threads for the block; 0 keeps torch's setting
+    "Run the block with `n` torch threads, then restore the caller's."
+    import torch
+    before = torch.get_num_threads()
+    if n: torch.set_num_threads(n)
+    try: yield
+    finally: torch.set_num_threads(before)
+
+@checked(nat_epochs=at_least(1), aat_epochs=at_least(1), n_eval=at_least(1), n_train=at_least(1), threads=at_least(0),
+         precision=one_of('precision'), out=output_dir)
 def demo(out='robust_attr_demo', # directory for the models, results and figure
-         nat_epochs:int=8, # natural training epochs
-         aat_epochs:int=2, # AAT fine-tuning epochs
-         n_eval:int=100, # correctly classified validation digits to attack
+         nat_epochs:int=6, # natural training epochs
+         aat_epochs:int=1, # AAT fine-tuning epochs
+         n_eval:int=60, # correctly classified validation digits to attack
          n_train:int|None=None, # training digits (a seeded subset), None for all
          seed:int=0, # seed of the data split, training and attacks
+         precision:str|None=None, # AAT's inner steps (fp32, bf16); None for bf16 where the CPU has it natively, else fp32
+         threads:int=1, # torch threads: 1 keeps the demo fast beside other work; 0 for torch's default (all cores)
          progress:bool|None=None): # progress bars and training tables, else plain lines; None for bars on a terminal only
     "Train natural and AAT models on the bundled digits, evaluate both, print the table, save a figure."
+    with _torch_threads(threads): return _demo(Path(out), nat_epochs, aat_epochs, n_eval, n_train, seed, precision or native_bf16(), progress)
+
+def _demo(out, nat_epochs, aat_epochs, n_eval, n_train, seed, precision, progress):
+    "The demo's work, with `demo`'s checked arguments (`precision` resolved)."
     from fastai.torch_core import set_seed
     from robust_attr.data import get_dls, get_arrays
     from robust_attr.train import robust_learner
     from robust_attr.models import save_model, training_meta
     from robust_attr.evaluate import evaluate, results_frame, get_protocol
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     _work_starts()
     start = time.time()
     set_seed(seed)
@@ -308,7 +332,7 @@ def demo(out='robust_attr_demo', # directory for the models, results and figure
         learn.model.eval()
         return learn
     nat = fit(robust_learner(dls, 'natural', lr=1e-3), nat_epochs, 'Nat')
-    aat = fit(robust_learner(dls, 'aat', init=nat.model, lr=1e-3, lam=2.0, steps=3, ig_steps=5, seed=seed), aat_epochs, 'AAT')
+    aat = fit(robust_learner(dls, 'aat', init=nat.model, lr=1e-3, seed=seed, precision=precision, **DEMO_AAT), aat_epochs, 'AAT')
     save_model(nat.model, out/'nat.pth', **training_meta(nat), epochs=nat_epochs, seed=seed)
     save_model(aat.model, out/'aat.pth', **training_meta(aat), epochs=aat_epochs, seed=seed, init='nat.pth')
     models = {'Nat': nat.model, 'AAT': aat.model}
