@@ -101,7 +101,7 @@ def parse_plan(plan:list):
 
 def predict(done:list, part:str, rows:int):
     "Predicted peak (MiB) of `part` at `rows` rows per pass: the largest measured MiB per row of that part × rows."
-    per = [r['peak_mib']/r['rows'] for r in done if r['part']==part and not r.get('error') and r.get('rows')]
+    per = [r['peak_mib']/r['rows'] for r in done if r['part']==part and 'peak_mib' in r and not r.get('error') and r.get('rows')]
     return max(per) * rows if per else None
 
 def fmt_ibs(ibs): return 'None (all rows)' if ibs is None else f'{ibs} rows'
@@ -149,6 +149,7 @@ def main():
     ap.add_argument('--cap-gb', type=float, default=8., help='do not run a configuration predicted to need more (GiB)')
     ap.add_argument('--max-minutes', type=float, default=None, help='skip the rest of the plan once this much time has passed')
     ap.add_argument('--name', default='memory')
+    ap.add_argument('--from-log', help="write the results from a run's printed lines (its log) instead of running")
     ap.add_argument('--quick', action='store_true', help='64×64, 2 points, 1 attack point: a smoke test, written as NAME_quick')
     args = ap.parse_args()
     args.attack_points = args.attack_points or None
@@ -164,7 +165,13 @@ def main():
     up = lambda: subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()
     start, before, results = time.time(), up(), []
     attack_points = protocol(args.points, args.attack_points).attack_ig_steps
-    for part, b, ibs in plan:
+    if args.from_log:
+        results = [json.loads(l) for l in open(args.from_log) if l.startswith('{')]
+        done = {(r['part'], r['batch'], r['ibs']) for r in results}
+        results += [dict(part=part, batch=b, ibs=ibs, rows=rows_per_pass(part, b, args.points, ibs, attack_points), note='not run: out of time')
+                    for part, b, ibs in plan if (part, b, ibs) not in done]
+        before = f'not recorded (written from the log {args.from_log}); the load at each measurement is in the JSON'
+    for part, b, ibs in ([] if args.from_log else plan):
         rows = rows_per_pass(part, b, args.points, ibs, attack_points)
         pred = predict(results, part, rows)
         if args.max_minutes and time.time() - start > 60*args.max_minutes:
@@ -194,8 +201,8 @@ def args_notes(args, results):
            "peak follows all B·points rows whatever `internal_batch_size` is: compare the ifia and aat rows with and without it."]
     for part in PARTS:
         per = [x['peak_mib']/(x['batch']*(x['points'] if part=='ig' else x['attack_points']))
-               for x in results if x['part']==part and not x.get('error') and x.get('peak_mib') is not None]
-        if per: out.append(f'{part}: {min(per):.0f}–{max(per):.0f} MiB of peak per sample·point (batch × IG points), over its measured configurations.')
+               for x in results if x['part']==part and x.get('ibs') is None and not x.get('error') and x.get('peak_mib') is not None]
+        if per: out.append(f'{part}: {min(per):.0f}–{max(per):.0f} MiB of peak per sample·point (batch × IG points), all rows in one pass.')
     return out
 
 if __name__ == '__main__': main()
