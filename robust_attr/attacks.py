@@ -20,7 +20,7 @@ from .losses import topk_mass, mass_center_shift, get_dissimilarity, targeted_ms
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'IFIA_SELECT', 'AttackRecord', 'check_precision', 'inner_precision', 'Attack', 'unwrap_model', 'margin',
-           'PGD', 'IFIA', 'AdvIFIA', 'TargetedAttributionAttack', 'art_loss', 'ARTAttack', 'captum_attribution']
+           'PGD', 'IFIA', 'AdvIFIA', 'TargetedAttributionAttack', 'art_loss', 'ARTAttack']
 
 # %% ../nbs/05_attacks.ipynb #ddda5c36
 @dataclass
@@ -257,7 +257,7 @@ class IFIA(Attack):
                  smooth:str|None='softplus', # 'softplus', FAR's 'second_order' ReLU, or None (maps need no surrogate)
                  objective='topk', # 'topk', 'mass_center', or a dissimilarity name / callable
                  select:str='kendall', # 'kendall', 'topk' or 'last' (see above)
-                 measure=None, # attribution for measuring (default: `attribution`), e.g. a `captum_attribution`
+                 measure=None, # attribution for measuring (default: `attribution`), e.g. a captum class, instance or name
                  spec:MapSpec|None=None, # the climbed map whole (then `attribution`, `attack_ig_steps`, `beta`, `smooth` are its; map options refine it)
                  random_start:bool=False, # Ghorbani et al. start at the clean input
                  restarts:int=1, # runs per sample (later runs start at random points)
@@ -407,17 +407,3 @@ class ARTAttack(Attack):
         self.channel_reduce = channel_reduce
 
     def ascent_objective(self, model, x_adv, y, ctx): return art_loss(model, x_adv, y, self.beta, self.channel_reduce)
-
-# %% ../nbs/05_attacks.ipynb #fd47891b
-class captum_attribution:
-    "Adapter: a captum attribution class as a `(model, x, target, create_graph=False)` map function, for measuring."
-    def __init__(self, method, # a captum attribution class, e.g. `captum.attr.Saliency`
-                 **attribute_kwargs): # keyword arguments of its `attribute` call
-        self.method, self.attribute_kwargs = method, attribute_kwargs
-    def __call__(self, model, x, target, create_graph:bool=False, baseline=None):
-        if create_graph:
-            raise ValueError(f"captum's {self.method.__name__} cannot be differentiated by an attack: use it to measure "
-                             "maps (e.g. `IFIA(measure=captum_attribution(...))`) and a robust_attr attribution to attack")
-        with eval_mode(model), torch.enable_grad():
-            return self.method(model).attribute(x, target=target, **self.attribute_kwargs).detach()
-    def __repr__(self): return f'captum_attribution({self.method.__name__})'

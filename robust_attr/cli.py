@@ -225,7 +225,8 @@ def protocol_lines(p): # a `Protocol`, or the dict of a result's 'protocol'
             f"  IFIA: {p['ifia_steps']} steps × {p['ifia_step_size']:g}, attacking the top-{p['attack_k']} pixels, {smooth}"
             + (f", worst of {p['restarts']} runs" if p['restarts'] > 1 else ''),
             f"  IN's k = {p['k']}",
-            f"  IG points: {p['ig_steps']} for the measured maps, {p['attack_ig_steps']} inside the attack",
+            f"  IG points: {p['ig_steps']} for the measured maps, {p['attack_ig_steps']} inside the attack"
+            + (f"; measured map: {p['measure']}" if p.get('measure') else ''),
             f"  PGD for AA: {p['pgd_steps']} steps × {p['pgd_step_size']:g}",
             f"  images: the first {p['n']} correctly classified" if p['n'] else "  images: every correctly classified one"]
 
@@ -452,7 +453,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 # %% ../nbs/12_cli.ipynb #3a8f0772
 from .explore_app import explore
-COMMANDS = dict(demo=demo, train=train, evaluate=evaluate_saved, explore=explore)
+from .report import audit_saved  # issue 17: the audit command lives in robust_attr.report
+COMMANDS = dict(demo=demo, train=train, evaluate=evaluate_saved, explore=explore, audit=audit_saved)
 
 def _first_clause(doc): return doc.split('; ')[0].rstrip('.') + '.'
 

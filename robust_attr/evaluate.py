@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch import Tensor
 from fastprogress.fastprogress import progress_bar
 from .core import *
-from .attacks import PGD, IFIA, unwrap_model
+from .attacks import PGD, IFIA, unwrap_model, check_precision
 from .attribution import get_attribution
 from .metrics import topk_intersection, kendall_tau, spearman, aa_topk, aa_kendall, aa_spearman, check_k
 from .localize import localization_metrics, LOCALIZATION_COLUMNS
@@ -43,6 +43,7 @@ class Protocol:
     reduce:str='sum' # channel reduction of the maps
     variant:str='full' # 'full' or 'quick'
     measure:object=None # the measured map: None (the exact model's IG, `ig_steps` points) or any attribution, e.g. captum's 'Saliency'
+    precision:str='fp32' # the attacks' inner steps: 'fp32', 'bf16' or 'fp16' (`attacks.PRECISIONS`); measured maps stay fp32
 
     def __post_init__(self):
         "Reject impossible settings when a protocol is made, naming the setting."
@@ -54,6 +55,7 @@ class Protocol:
         check_choice(self.smooth, ('softplus', 'second_order'), 'smooth')
         check_choice(self.reduce, ('sum', 'mean', 'max', None), 'reduce')
         check_choice(self.variant, ('full', 'quick'), 'variant')
+        check_precision(self.precision)
         if self.measure is not None: get_attribution(self.measure)   # an unknown name or a captum method we cannot call fails here
 
     def record(self):
@@ -131,10 +133,10 @@ def protocol_attacks(p:Protocol, # the protocol
                      seed:int|None=0, # seed of the random starts
                      internal_batch_size:int|None=None): # rows per IG pass inside IFIA (None: all at once)
     "The PGD and IFIA attacks `p` prescribes."
-    pgd = PGD(p.threat, p.pgd_step_size, p.pgd_steps, random_start=True, select='best', early_stop=True, seed=seed)
+    pgd = PGD(p.threat, p.pgd_step_size, p.pgd_steps, random_start=True, select='best', early_stop=True, seed=seed, precision=p.precision)
     ifia = IFIA(p.threat, p.ifia_step_size, p.ifia_steps, k=p.attack_k, ig_steps=p.ig_steps, attack_ig_steps=p.attack_ig_steps,
                 beta=p.beta, smooth=p.smooth, restarts=p.restarts, reduce=p.reduce, seed=seed, internal_batch_size=internal_batch_size,
-                measure=p.measure)
+                measure=p.measure, precision=p.precision)
     return pgd, ifia
 
 # %% ../nbs/09_evaluate.ipynb #7832bd1a

@@ -128,15 +128,6 @@ class FARCallback(_TermRecorder):
         if builds and (self.attack is None or self._auto_attack):  # from the data's threat model, rebuilt if the data changed
             tm = threat_model_for(self.learn.dls)
             if tm != self.threat: self.threat, self.attack, self._auto_attack = tm, self.make_attack(tm), True
-        self._warn_unsmoothed()
-
-    def _warn_unsmoothed(self):
-        a = self.attack
-        smoothed = self.spec.smooth is not None or isinstance(a, ARTAttack) or (isinstance(a, IFIA) and a.spec.smooth is not None)
-        if smoothed and not any(isinstance(m, nn.ReLU) for m in unwrap_model(self.learn.model).modules()):
-            warnings.warn(f"{type(self).__name__}: {type(unwrap_model(self.learn.model)).__name__} has no nn.ReLU modules, so "
-                          "the softplus surrogate cannot replace them and the attack's second derivatives may vanish; "
-                          "use nn.ReLU modules (not F.relu) in the model")
 
     def before_batch(self):
         if not self.training: return
