@@ -338,7 +338,7 @@ def _demo(out, nat_epochs, aat_epochs, n_eval, n_train, seed, precision, progres
     save_model(aat.model, out/'aat.pth', **training_meta(aat), epochs=aat_epochs, seed=seed, init='nat.pth')
     models = {'Nat': nat.model, 'AAT': aat.model}
     x, y = get_arrays('digits', 'valid', seed=seed)
-    p = get_protocol('digits', 'quick', **(DEMO_PROTOCOL | dict(n=n_eval)))
+    p = get_protocol('digits', 'quick', **(DEMO_PROTOCOL | dict(n=n_eval, precision=precision)))  # the attacks' inner steps as AAT's
     results = {}
     for name, m in models.items():
         print(f"evaluating {name} on {n_eval} correctly classified validation digits", flush=True)
