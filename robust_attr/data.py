@@ -149,7 +149,10 @@ def shape_masks(y:Tensor, # (n,) shape indices into `SHAPES`
                          dx**2 + dy**2 <= 1,                                      # disc
                          (ay <= 1) & (ax <= (dy+1)/2),                            # triangle, apex up
                          ((ax <= 1/3) & (ay <= 1)) | ((ay <= 1/3) & (ax <= 1))])  # cross
-    return masks[y, torch.arange(n)]
+    masks = masks[y, torch.arange(n)]
+    empty = ~masks.flatten(1).any(1)  # a tiny cross can fall between pixel centres: keep the pixel at its centre
+    masks[empty, cy[empty].round().long().clamp(0, size-1), cx[empty].round().long().clamp(0, size-1)] = True
+    return masks
 
 def make_synthetic(n:int, # number of images
                    size:int=28, # image height and width (>= 8)
