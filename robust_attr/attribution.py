@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, lru_cache
 import numpy as np
 import torch
 import torch.nn as nn
@@ -313,7 +313,7 @@ def _is_captum(a):
 
 def get_attribution(attribution): # a name in `ATTRIBUTIONS`, a callable with the shared signature, or a captum attribution
     "The attribution function for a registered name; callables pass through; captum's attributions come as `captum_attribution`."
-    if _is_captum(attribution): return captum_attribution(attribution)
+    if _is_captum(attribution): return _captum_map(attribution) if isinstance(attribution, (str, type)) else captum_attribution(attribution)
     if callable(attribution): return attribution
     if not isinstance(attribution, str):
         raise TypeError(f"`attribution` must be a name or a callable, got {type(attribution).__name__}")
@@ -471,3 +471,6 @@ class captum_attribution:
                              f"{tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__}")
         return _finite(a.detach())
     def __repr__(self): return f"captum_attribution({self.name})"
+
+@lru_cache(maxsize=None)
+def _captum_map(attribution): return captum_attribution(attribution)  # a name or class is checked once, not on every map

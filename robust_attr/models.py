@@ -200,12 +200,11 @@ class ImageClassifier(nn.Module):
         if output is not None and not isinstance(output, (int, str)) and not callable(output):
             raise TypeError(f"`output` must be None, an int, a str or a function, got {type(output).__name__}")
         self.model, self.normalize, self.output = model, Normalize(mean, std), output
+        self.channels = next((len(v) for v in (mean, std) if v is not None), None)  # None: any
 
     def forward(self, x:Tensor):
-        stats = [t for t in (self.normalize.mean, self.normalize.std) if t is not None]
-        n = stats[0].numel() if stats else 0
-        if n and x.dim() == 4 and x.shape[1] != n:
-            raise ValueError(f"ImageClassifier normalizes {n} channels (`mean`/`std`), but the input has {x.shape[1]}")
+        if self.channels and x.dim() == 4 and x.shape[1] != self.channels:
+            raise ValueError(f"ImageClassifier normalizes {self.channels} channels (`mean`/`std`), but the input has {x.shape[1]}")
         return read_logits(self.model(self.normalize(x)), self.output)
 
 # %% ../nbs/06_models.ipynb #8d27dd65
