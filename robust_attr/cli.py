@@ -282,8 +282,8 @@ def _check_settings(settings:dict, # names given
     if unknown: raise ValueError(f"unknown settings {sorted(unknown)}; settings: {sorted(known)}")
 
 # %% ../nbs/12_cli.ipynb #1b11b6de
-DEMO_PROTOCOL = dict(n=60, ifia_steps=15, ig_steps=16, attack_ig_steps=4, pgd_steps=10)
-DEMO_AAT = dict(lam=5.0, steps=2, ig_steps=4)  # AAT's fine-tuning settings (FAR's recipe, shrunk; see above)
+DEMO_PROTOCOL = dict(ifia_steps=12, ig_steps=16, attack_ig_steps=4, pgd_steps=10)  # the evaluation's sizes (digits protocol, shrunk)
+DEMO_AAT = dict(lam=5.0, steps=1, ig_steps=4)  # AAT's fine-tuning settings (FAR's recipe, shrunk; see above)
 
 def native_bf16(device='cpu'): # the device the work runs on
     "'bf16' where the device computes in bfloat16 natively (a CPU with AVX-512 BF16 / AMX, a GPU that supports it), else 'fp32'."
@@ -306,7 +306,7 @@ def _torch_threads(n:int): # threads for the block; 0 keeps torch's setting
 def demo(out='robust_attr_demo', # directory for the models, results and figure
          nat_epochs:int=6, # natural training epochs
          aat_epochs:int=1, # AAT fine-tuning epochs
-         n_eval:int=60, # correctly classified validation digits to attack
+         n_eval:int=40, # correctly classified validation digits to attack
          n_train:int|None=None, # training digits (a seeded subset), None for all
          seed:int=0, # seed of the data split, training and attacks
          precision:str|None=None, # AAT's inner steps (fp32, bf16); None for bf16 where the CPU has it natively, else fp32
