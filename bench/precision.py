@@ -13,8 +13,9 @@ see the same machine load. Time and the per-image IN / CO are pooled over the ch
 measured (clean and attacked maps, IN, CO, the validity check) is fp32 in both runs.
 
 Training: one step of every method's preset (its default settings, `robust_learner(dls, method,
-precision=...)`), SmallCNN, batch 50, Fashion-MNIST training images, fp32 and bf16 in alternating order,
-each after one warm-up step on another batch, from the same weights and seed. The regularizer value
+precision=...)`), fine-tuning the committed natural SmallCNN (as FAR does), batch 50, Fashion-MNIST training
+images, fp32 and bf16 in alternating order, each after one warm-up step on another batch, from the same
+weights and seed; a step is timed from before the method's attack to after the optimizer's step. The regularizer value
 (`{term}_reg`, fp32 in both: it is the training map's dissimilarity at the attacked point) and the training
 loss are read per step.
 
@@ -116,17 +117,16 @@ def train_step(method:str, precision:str, bs:int, n_steps:int=1, seed:int=0, **s
     from robust_attr.models import SmallCNN
     probe = StepProbe()
     class Probe(Callback):
-        order, run_valid = 200, False
+        order, run_valid = -1000, False  # first in every event: the clock starts before the method's attack (its before_batch)
         def before_batch(self): self._t, self._c = time.perf_counter(), time.process_time()
-        def after_loss(self):
-            cb = next((c for c in self.learn.cbs if hasattr(c, 'term')), None)
-            self._reg = None if cb is None or not cb.lam else float(cb._sums.get(f'{cb.term}_reg', 0.))
-            self._loss = self.learn.loss.item()
-        def after_batch(self):
+        def after_batch(self):  # after the loss, backward and step; before any other after_batch
             probe.times.append(time.perf_counter() - self._t); probe.cpu.append(time.process_time() - self._c)
-            probe.losses.append(self._loss); probe.regs.append(self._reg)
+            cb = next((c for c in self.learn.cbs if hasattr(c, 'term')), None)
+            probe.regs.append(None if cb is None or not cb.lam else float(cb._sums.get(f'{cb.term}_reg', 0.)))
+            probe.losses.append(self.learn.loss.item())
     torch.manual_seed(seed)
-    learn = robust_learner(train_batches(bs, 1 + n_steps, seed), method, arch=SmallCNN(10), metrics=[], precision=precision, **settings)
+    start = dict(init=COMMITTED_MODEL) if COMMITTED_MODEL.exists() else dict(arch=SmallCNN(10))  # robust fine-tuning starts from a natural model (FAR)
+    learn = robust_learner(train_batches(bs, 1 + n_steps, seed), method, metrics=[], precision=precision, **start, **settings)
     with learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=Probe())
     reg = None if probe.regs[1] is None else (probe.regs[1] - probe.regs[0]) / bs  # `_sums` accumulates reg × bs
     return statistics.median(probe.times[1:]), statistics.median(probe.cpu[1:]), probe.losses[1], reg
@@ -189,7 +189,9 @@ def markdown(r:dict) -> str:
     if 'train' in r:
         lines += ["## One training step of every method", "",
                   f"SmallCNN, batch {r['bs']}, Fashion-MNIST training images, each preset's defaults{' (--quick: reduced)' if r['quick'] else ''}; "
-                  "the step after one warm-up step, from the same weights, batches and seed. `reg` is the method's regularizer "
+                  f"{r.get('train_start', 'random initial weights')}; "
+                  "the step after one warm-up step, from the same weights, batches and seed; a step's time starts before the method's attack (the "
+                  "callback's `before_batch`) and ends after the optimizer's step. `reg` is the method's regularizer "
                   "(`{term}_reg`, the training map's dissimilarity at the attacked point, computed in fp32 in both runs: higher = "
                   "stronger inner maximization); Madry's `adv` has none (λ = 0), its loss is the CE at the attacked points.", "",
                   f"Times: the median of {r.get('steps', 1)} timed step(s), wall (CPU) ms; the speed-up in CPU time is the steadier one on a shared machine.", "",
@@ -235,6 +237,8 @@ def main(argv=None):
         r['eval'] = eval_part(model.eval(), 4 if a.quick else a.n, 2 if a.quick else a.chunk, a.quick)
     if a.only != 'eval':
         methods = [m for m in a.methods if m in ('adv', 'trades', 'art', 'aat')] if a.quick else a.methods
+        r['train_start'] = ('fine-tuning the committed natural model (`bench/models/far_quick_seed42/nat.pth`), as FAR does'
+                            if COMMITTED_MODEL.exists() else 'random initial weights (the committed model was not found)')
         r['train'] = train_part(methods, r['bs'], 1 if a.quick else a.steps, **(QUICK_TRAIN if a.quick else {}))
     r['load_after'] = load()
     name, out = 'precision_quick' if a.quick else 'precision', Path(a.out or RESULTS)
