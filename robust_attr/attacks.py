@@ -120,11 +120,17 @@ class Attack:
                 rand = self.random_start or r > 0
                 start = self.random_points(x[idx], gen) if rand else x[idx]
                 act = _Active(idx, start, x[idx], y[idx], _take(ctx, idx))
-                if _run(self, model, best, act, rand, on_step, r*self.steps, gen): break
+                if self.run(model, best, act, rand, on_step, r*self.steps, gen): break
         x_adv = best['x']
         if not return_record: return x_adv
         moved = (x_adv != x).flatten(1).any(1)
         return x_adv, AttackRecord(best['score'], best['valid'], best['steps'], moved, best['flat'])
+
+    def run(self, model, best:dict, act, # the model, the per-sample bests (updated in place), the active samples (`_Active`)
+            scored_start:bool, # score the starting point too (a random start is a new candidate)
+            on_step=None, done:int=0, gen=None): # the progress hook, steps taken before this run, the random generator
+        "One run of the ascent over `act`; True if `on_step` stopped it. Override to change the step rule (see `audit.HalvingIFIA`)."
+        return _run(self, model, best, act, scored_start, on_step, done, gen)
 
     def __repr__(self):
         args = ', '.join(f'{k}={v!r}' for k,v in vars(self).items() if not k.startswith('_'))

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 from .core import *
-from .attacks import (IFIA, TargetedAttributionAttack, AttackRecord, unwrap_model,
+from .attacks import (IFIA, TargetedAttributionAttack, AttackRecord, unwrap_model, inner_precision,
                                  _Active, _record, _leave_flat_points, _logits)
 from .metrics import topk_intersection, kendall_tau
 from .lens import lens_metrics, LENS_WINDOW
@@ -80,19 +80,20 @@ def apgd_checkpoints(steps:int): # steps of the run
 class HalvingIFIA(IFIA):
     "IFIA's objective with APGD's step rule: η starts at 2ε, halves (back to the best point) when the objective stalls."
     def _objective(self, model, x_adv, y, ctx):
-        "The ascent objective, its gradient, and whether the prediction is kept."
+        "The ascent objective (its passes in the attack's precision, the value in fp32), its gradient, and whether the prediction is kept."
         xg = x_adv.detach().requires_grad_(True)
-        obj = self.ascent_objective(model, xg, y, ctx)
+        with inner_precision(self.precision, x_adv.device): obj = self.ascent_objective(model, xg, y, ctx).float()
         g, = torch.autograd.grad(obj.sum(), xg)
         return obj.detach(), g, _logits(model, x_adv).argmax(1) == ctx['pred']
 
-    def _run(self, model, best:dict, act:_Active, scored_start:bool, gen):
-        "One APGD-style run over the active samples; updates `best` in place."
+    def run(self, model, best:dict, act:_Active, scored_start:bool, on_step=None, done:int=0, gen=None):
+        "One APGD-style run over the active samples; updates `best` in place; True if `on_step` stopped it."
         eta = torch.full((len(act),), 2*self.eps, device=act.x.device, dtype=act.x.dtype)
         x_prev, f_best, x_best = act.x_adv, torch.full_like(eta, -float('inf')), act.x_adv.clone()
         checkpoints, last, ups, f_prev = apgd_checkpoints(self.steps), 0, torch.zeros_like(eta), None
-        eta_ck, f_ck = eta.clone(), f_best.clone()
+        eta_ck, f_ck, stopped = eta.clone(), f_best.clone(), False
         for i in range(self.steps):
+            if on_step is not None and on_step(done + i, self.restarts * self.steps): stopped = True; break
             f, g, valid = self._objective(model, act.x_adv, act.y, act.ctx)
             f = f.where(valid, torch.full_like(f, -float('inf')))
             if i > 0 or scored_start: _record(self, best, act, *self.score(model, act.x_adv, act.y, act.ctx))
@@ -112,24 +113,7 @@ class HalvingIFIA(IFIA):
                 last, ups, eta_ck, f_ck = i+1, torch.zeros_like(ups), eta.clone(), f_best.clone()
             best['steps'][act.idx] += 1
         _record(self, best, act, *self.score(model, act.x_adv, act.y, act.ctx))
-
-    def __call__(self, model:nn.Module, x:Tensor, y, return_record:bool=False, **context):
-        "Attack the batch `x` (as `Attack.__call__`, with APGD's run); returns the selected iterates (and the record)."
-        x = check_images(x, box=self.box).detach()
-        model = unwrap_model(model)
-        y = check_targets(y, len(x), check_model(model, x), device=x.device, name='y')
-        gen = self._generator(x.device)
-        with eval_mode(model, requires_grad=False), torch.enable_grad():
-            ctx = self.prepare(model, x, y, **context)
-            best = dict(x=x.clone(), score=self.clean_score(model, x, y, ctx).float(), valid=torch.ones(len(x), dtype=torch.bool, device=x.device),
-                        steps=torch.zeros(len(x), dtype=torch.long, device=x.device))
-            best['flat'] = torch.zeros_like(best['steps'])
-            idx = torch.arange(len(x), device=x.device)
-            for r in range(self.restarts):
-                rand = self.random_start or r > 0
-                self._run(model, best, _Active(idx, self.random_points(x, gen) if rand else x, x, y, ctx), rand, gen)
-        if not return_record: return best['x']
-        return best['x'], AttackRecord(best['score'], best['valid'], best['steps'], (best['x'] != x).flatten(1).any(1), best['flat'])
+        return stopped
 
 # %% ../nbs/13_audit.ipynb #7f006e3e
 def digits_probe(steps:int=60, # Adam steps on batches of 128 training digits
