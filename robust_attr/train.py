@@ -373,8 +373,14 @@ def _initial_model(dls, arch, init, arch_kwargs):
     if isinstance(init, (str, Path)):
         init = load_model(init)
         if not isinstance(arch, nn.Module) and arch_kwargs is None: return init.train()
+    elif init is not None and not isinstance(init, nn.Module):
+        raise TypeError(f"`init` must be a path written by `save_model` or an nn.Module, got {type(init).__name__}")
     model = arch if isinstance(arch, nn.Module) else get_model(arch, **(arch_kwargs or _infer_arch_kwargs(dls)))
-    if init is not None: model.load_state_dict(init.state_dict())
+    if init is not None:
+        try: model.load_state_dict(init.state_dict())
+        except RuntimeError as e:
+            raise ValueError(f"`init`'s weights ({type(init).__name__}) do not fit `arch` ({type(model).__name__}): to fine-tune a model "
+                             f"of another architecture, pass a copy of it as `arch` (`arch=copy.deepcopy(model)`)\n{e}") from None
     return model.train()
 
 def robust_learner(dls, # fastai `DataLoaders` of [0,1] images and integer labels
