@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import store_attr, listify
 from fastcore.foundation import L
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, TrainEvalCallback
 from fastai.learner import Learner, Recorder
 import fastai.callback.progress # registers the progress bar and `Learner.no_bar`
 from fastai.losses import CrossEntropyLossFlat
@@ -29,7 +29,8 @@ from .evaluate import threat_model_for
 # %% auto #0
 __all__ = ['FAR_OBJECTIVES', 'METHODS', 'FARCallback', 'AdvTrainCallback', 'layer_attribution', 'IGNormCallback',
            'IGSumNormCallback', 'TRADESCallback', 'ARTCallback', 'AATCallback', 'AdvAATCallback',
-           'SaliencyMatchCallback', 'method_callback', 'robust_learner']
+           'SaliencyMatchCallback', 'method_callback', 'robust_learner', 'recompute_batchnorm_stats',
+           'RecomputeBatchNormStats']
 
 # %% ../nbs/08_train.ipynb #474b6665
 class _TermRecorder(Callback):
@@ -404,3 +405,30 @@ def robust_learner(dls, # fastai `DataLoaders` of [0,1] images and integer label
     if cb is not None and cb.threat is not None: threat = cb.threat  # a given attack brings its own
     learn.threat, learn.method, learn.method_settings = threat, method, ({} if cb is None else cb.settings())
     return learn
+
+# %% ../nbs/08_train.ipynb #6f3cacbe
+def recompute_batchnorm_stats(model:nn.Module, # the model whose BatchNorm layers are updated in place
+                              batches, # an iterable of batches `(x, ...)` or inputs `x`, e.g. a training DataLoader
+                              n_batches:int|None=None): # use the first `n_batches` (None: all)
+    "Set every BatchNorm layer's running statistics to the plain average over `batches`, with `model`'s current weights; the number of layers."
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms: return 0
+    momenta, modes = [m.momentum for m in norms], [(m, m.training) for m in model.modules()]
+    for m in norms: m.reset_running_stats(); m.momentum = None  # None: a plain average over the batches seen
+    try:
+        model.train()
+        with torch.no_grad():
+            for i, b in enumerate(batches):
+                if i == n_batches: break
+                model(b[0] if isinstance(b, (tuple, list)) else b)
+    finally:
+        for m, mo in zip(norms, momenta): m.momentum = mo
+        for m, t in modes: m.train(t)
+    return len(norms)
+
+class RecomputeBatchNormStats(Callback):
+    "After each training epoch, recompute every BatchNorm layer's running statistics with the current weights."
+    order, run_valid = TrainEvalCallback.order + 1, False
+    def __init__(self, n_batches:int=50): # training batches averaged (fewer if the training set has fewer)
+        self.n_batches = check_number(n_batches, 'n_batches', min=1, integer=True)
+    def after_train(self): recompute_batchnorm_stats(self.learn.model, self.learn.dls.train.new(shuffle=False, drop_last=False), self.n_batches)
