@@ -411,19 +411,25 @@ def recompute_batchnorm_stats(model:nn.Module, # the model whose BatchNorm layer
                               batches, # an iterable of batches `(x, ...)` or inputs `x`, e.g. a training DataLoader
                               n_batches:int|None=None): # use the first `n_batches` (None: all)
     "Set every BatchNorm layer's running statistics to the plain average over `batches`, with `model`'s current weights; the number of layers."
+    if n_batches is not None: check_number(n_batches, 'n_batches', min=1, integer=True)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms: return 0
     momenta, modes = [m.momentum for m in norms], [(m, m.training) for m in model.modules()]
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
+    seen = 0
     for m in norms: m.reset_running_stats(); m.momentum = None  # None: a plain average over the batches seen
     try:
         model.train()
         with torch.no_grad():
-            for i, b in enumerate(batches):
-                if i == n_batches: break
-                model(b[0] if isinstance(b, (tuple, list)) else b)
+            for b in batches:
+                if seen == n_batches: break
+                model(b[0] if isinstance(b, (tuple, list)) else b); seen += 1
     finally:
         for m, mo in zip(norms, momenta): m.momentum = mo
         for m, t in modes: m.train(t)
+        if not seen:   # nothing to average (or an error before the first batch): the old statistics stay
+            for m, sd in zip(norms, saved): m.load_state_dict(sd)
+    if not seen: raise ValueError("`batches` is empty: no statistics to recompute (the running statistics are unchanged)")
     return len(norms)
 
 class RecomputeBatchNormStats(Callback):
