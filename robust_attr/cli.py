@@ -492,7 +492,13 @@ def _run(argv):
         if _working.get(): raise
         parser.exit(2, f"{prog}: error: {_one_line(e)}\n")
     finally: _working.reset(token)
+    _leave_process_group()
     return 0
+
+def _leave_process_group():
+    "Under a launcher, leave the process group the command joined: one left to the interpreter's exit can abort a process."
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
 
 def _warning_line(prog, show, message, category, filename, lineno, file=None, line=None):
     "Show the library's warnings as `prog: warning: message`, others as Python does."
