@@ -497,8 +497,10 @@ def _run(argv):
 
 def _leave_process_group():
     "Under a launcher, leave the process group the command joined: one left to the interpreter's exit can abort a process."
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
+    from fastai.torch_core import num_distrib
+    if not num_distrib(): return   # not launched by torchrun / accelerate (as `_distrib_ctx` decides)
+    from robust_attr.distributed import teardown_process_group
+    teardown_process_group()
 
 def _warning_line(prog, show, message, category, filename, lineno, file=None, line=None):
     "Show the library's warnings as `prog: warning: message`, others as Python does."
