@@ -70,7 +70,7 @@ def map_robustness(model:nn.Module, # the classifier
         fn = _SeededMap(m, seed)
         member = like(ifia, spec=ifia.spec.replace(attribution=fn), measure_spec=ifia.measure_spec.replace(attribution=fn))
         ens = EnsembleAttack(member, attacks=attacks, k=p.k, restarts=restarts, noise_draws=0, seed=seed)
-        out[m] = ensemble_table(audit_attacks(model, x, y, ens, n=n, bs=bs))
+        out[m] = ensemble_table(audit_attacks(model, x, y, ens, n=n, sample=p.sample, bs=bs))
     return out
 
 # %% ../nbs/16_art_evals.ipynb #251abddd

@@ -14,7 +14,7 @@ from .attacks import (IFIA, TargetedAttributionAttack, AttackRecord, unwrap_mode
                                  _Active, _record, _leave_flat_points, _logits)
 from .metrics import topk_intersection, kendall_tau
 from .lens import lens_metrics, LENS_WINDOW
-from .evaluate import Protocol, get_protocol, protocol_attacks, first_correct, bootstrap_ci, format_interval
+from .evaluate import Protocol, get_protocol, protocol_attacks, evaluation_sample, bootstrap_ci, format_interval
 
 # %% auto #0
 __all__ = ['ENSEMBLE', 'ENSEMBLE_RESTARTS', 'NOISE_DRAWS', 'APGD_MOMENTUM', 'APGD_RHO', 'METRICS', 'like', 'TargetedMember',
@@ -313,13 +313,14 @@ def audit_attacks(model:nn.Module, # the classifier
                   x:Tensor, y:Tensor, # the evaluation set
                   ensemble:EnsembleAttack, # the ensemble
                   n:int|None=100, # the first n correctly classified images (None: all)
+                  sample:str='balanced', # how they are picked (`evaluate.SAMPLES`): the classes in turn, or 'first' in the set's order
                   bs:int=128): # images per batch
-    "Run `ensemble` on the first `n` correctly classified images: `dict(record, idx, tried, seconds)`."
+    "Run `ensemble` on the first `n` correctly classified images under the rule `sample`: `dict(record, idx, tried, seconds)`."
     start, model = time.time(), unwrap_model(model)
     bs = check_number(bs, 'bs', min=1, integer=True)
     if n is not None: check_number(n, 'n', min=1, integer=True)
     y = check_targets(y, len(check_images(x)), check_model(model, x), device=x.device, name='y')
-    idx, tried = first_correct(model, x, y, n, bs)
+    idx, tried = evaluation_sample(model, x, y, n, sample, bs)
     if not len(idx): raise ValueError(f"the model classifies none of the {tried} images correctly: there is no map to attack")
     rec = EnsembleRecord.cat([ensemble(model, x[idx[i:i+bs]], y[idx[i:i+bs]]) for i in range(0, len(idx), bs)])
     return dict(record=rec, idx=idx, tried=tried, seconds=time.time() - start)

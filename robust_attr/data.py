@@ -65,7 +65,7 @@ def pick(total:int, # how many samples there are
 def stratified_split(labels:Tensor, # (N,) integer class labels
                      valid_pct:float=0.2, # fraction of each class held out
                      seed:int=42): # seed of the split
-    "`(train_idx, valid_idx)`: a seeded split that holds out `valid_pct` of every class."
+    "`(train_idx, valid_idx)`: a seeded split that holds out `valid_pct` of every class, each part in a seeded random order."
     labels = torch.as_tensor(labels).long()
     if not 0 <= check_number(valid_pct, 'valid_pct') <= 1: raise ValueError(f"`valid_pct` must be in [0, 1], got {valid_pct}")
     key = torch.rand(len(labels), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -74,7 +74,8 @@ def stratified_split(labels:Tensor, # (N,) integer class labels
     starts = counts.cumsum(0) - counts
     rank = torch.arange(len(labels)) - starts[labels[order]]
     held = rank < (counts[labels[order]] * valid_pct).round().long()
-    return order[~held], order[held]
+    shuffled = lambda idx: idx[key[idx].argsort()]  # classes interleaved: no prefix of a split is one class
+    return shuffled(order[~held]), shuffled(order[held])
 
 # %% ../nbs/07_data.ipynb #a54aef82
 def resize_images(x:Tensor, # (B, C, H, W) images in [0, 1]

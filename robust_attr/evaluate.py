@@ -17,12 +17,15 @@ from .metrics import topk_intersection, kendall_tau, spearman, aa_topk, aa_kenda
 from .localize import localization_metrics, LOCALIZATION_COLUMNS
 
 # %% auto #0
-__all__ = ['PROTOCOLS', 'NEVER_MOVED_WARNING', 'SUMMARY_COLUMNS', 'Protocol', 'protocol_for', 'threat_model_for', 'get_protocol',
-           'protocol_attacks', 'robust_accuracy', 'first_correct', 'correct_by_all', 'check_evaluation',
-           'warn_never_moved', 'warn_other_threat', 'evaluate', 'results_frame', 'bootstrap_ci', 'format_interval',
-           'compare', 'plot_attacks', 'show_attacks']
+__all__ = ['SAMPLES', 'PROTOCOLS', 'NEVER_MOVED_WARNING', 'SUMMARY_COLUMNS', 'Protocol', 'protocol_for', 'threat_model_for',
+           'get_protocol', 'protocol_attacks', 'robust_accuracy', 'first_correct', 'class_interleaved',
+           'evaluation_sample', 'correct_by_all', 'check_evaluation', 'warn_never_moved', 'warn_other_threat',
+           'constant_map', 'class_counts', 'warn_constant_maps', 'evaluate', 'results_frame', 'bootstrap_ci',
+           'format_interval', 'compare', 'plot_attacks', 'show_attacks']
 
 # %% ../nbs/09_evaluate.ipynb #0ea88b82
+SAMPLES = ('balanced', 'first')  # how the evaluated samples are picked: see `evaluation_sample`
+
 @dataclass(frozen=True)
 class Protocol:
     "Every setting of an attributional + adversarial robustness evaluation."
@@ -40,6 +43,7 @@ class Protocol:
     smooth:str='softplus' # 'softplus' or 'second_order'
     restarts:int=1 # IFIA runs per sample (the worst case is kept)
     n:int|None=None # attributional robustness on the first n correctly classified samples (None: all)
+    sample:str='balanced' # the order `n` is taken in: 'balanced' (classes in turn, `class_interleaved`) or 'first' (the set's order)
     reduce:str='sum' # channel reduction of the maps
     variant:str='full' # 'full' or 'quick'
     measure:object=None # the measured map: None (the exact model's IG, `ig_steps` points) or any attribution, e.g. captum's 'Saliency'
@@ -55,6 +59,7 @@ class Protocol:
         check_choice(self.smooth, ('softplus', 'second_order'), 'smooth')
         check_choice(self.reduce, ('sum', 'mean', 'max', None), 'reduce')
         check_choice(self.variant, ('full', 'quick'), 'variant')
+        check_choice(self.sample, SAMPLES, 'sample')
         check_precision(self.precision)
         if self.measure is not None: get_attribution(self.measure)   # an unknown name or a captum method we cannot call fails here
 
@@ -163,21 +168,48 @@ def robust_accuracy(model, x, y, pgd, bs:int=256, progress:bool=False):
 
 # %% ../nbs/09_evaluate.ipynb #0a1e4046
 def first_correct(model, x, y, n:int|None=None, bs:int=256):
-    "Indices of the first `n` correctly classified samples, and how many samples were tried to find them."
+    "Indices of the first `n` correctly classified samples in the set's order, and how many samples were tried to find them."
     correct = (_predict(model, x, bs) == y).nonzero().squeeze(1)
     if n is None or len(correct) <= n: return correct, len(x)
     correct = correct[:n]
     return correct, int(correct[-1]) + 1
 
+# %% ../nbs/09_evaluate.ipynb #22bfbe8c
+def class_interleaved(y:Tensor): # (N,) integer class labels
+    "Indices of `y` with the classes in turn (every class's first sample, then every class's second, ...), each class in the set's order."
+    y = torch.as_tensor(y).long().cpu()
+    by_class = y.sort(stable=True).indices
+    counts = torch.bincount(y)
+    rank = torch.empty_like(y)
+    rank[by_class] = torch.arange(len(y)) - (counts.cumsum(0) - counts)[y[by_class]]   # position within its class
+    return (rank * len(counts) + y).argsort()
+
+# %% ../nbs/09_evaluate.ipynb #13727e71
+def evaluation_sample(model, x, y, # the classifier and the evaluation set
+                      n:int|None=None, # how many samples (None: every correctly classified one)
+                      sample:str='balanced', # the rule (`SAMPLES`): 'balanced' takes the classes in turn, 'first' the set's order
+                      bs:int=256): # batch size of the predictions
+    "The first `n` correctly classified samples under the rule `sample`, and how many samples were tried to find them."
+    check_choice(sample, SAMPLES, 'sample')
+    correct = (_predict(model, x, bs) == y).nonzero().squeeze(1)
+    if sample == 'balanced': correct = correct[class_interleaved(y[correct]).to(correct.device)]
+    if n is None or len(correct) <= n: return correct, len(x)
+    chosen, y = correct[:n], y.long()
+    if sample == 'first': return chosen, int(chosen[-1]) + 1
+    last = torch.full((int(y.max()) + 1,), -1, device=y.device).scatter_reduce(0, y[chosen], chosen, 'amax')
+    return chosen, int((torch.arange(len(y), device=y.device) <= last[y]).sum())   # each class up to its last chosen sample
+
 # %% ../nbs/09_evaluate.ipynb #943aac78
 def correct_by_all(models, # {name: model} or a list of models
                    x:Tensor, y:Tensor, # the evaluation set
                    n:int|None=None, # how many indices at most (None: all)
-                   bs:int=256): # batch size of the predictions
+                   bs:int=256, # batch size of the predictions
+                   sample:str='balanced'): # the order (`SAMPLES`): 'balanced' takes the classes in turn, 'first' the set's order
     "Indices of the first `n` samples that every model classifies correctly (the samples a comparison can attack on all)."
     models = list(models.values()) if isinstance(models, dict) else list(models)
-    ok = torch.stack([_predict(unwrap_model(m), x, bs) == y for m in models]).all(0)
-    return ok.nonzero().squeeze(1)[:n]
+    ok = torch.stack([_predict(unwrap_model(m), x, bs) == y for m in models]).all(0).nonzero().squeeze(1)
+    if check_choice(sample, SAMPLES, 'sample') == 'balanced': ok = ok[class_interleaved(y[ok]).to(ok.device)]
+    return ok[:n]
 
 # %% ../nbs/09_evaluate.ipynb #d771042b
 def check_evaluation(model:nn.Module, x:Tensor, y, # the classifier and the evaluation set
@@ -214,6 +246,23 @@ def warn_other_threat(model:nn.Module, # a model; one from `load_model` carries 
     elif eps is not None and abs(eps - p.eps) > 1e-12:
         warnings.warn(f"this model was trained against ε = {eps:g} but is evaluated at ε = {p.eps:g}", UserWarning, stacklevel=3)
 
+# %% ../nbs/09_evaluate.ipynb #a6e1319b
+def constant_map(maps:Tensor): # (B, ...) maps
+    "`(B,)` booleans: which maps have the same value at every pixel (no ranking to measure)."
+    flat = maps.flatten(1)
+    return flat.amax(1) == flat.amin(1)
+
+def class_counts(y:Tensor): # labels of the evaluated samples
+    "`{class: count}` of the labels, for a result to say which classes its numbers come from."
+    c, k = torch.as_tensor(y).cpu().unique(return_counts=True)
+    return dict(zip(c.tolist(), k.tolist()))
+
+def warn_constant_maps(res:dict): # a result of `evaluate`
+    "Warn when some evaluated samples had a constant clean map (their IN and CO are NaN, left out of the means)."
+    if res.get('constant_maps'):
+        warnings.warn(f"{res['constant_maps']} of {res['n']} evaluated samples have a constant clean map: with no ranking to "
+                      "keep, their IN and CO are undefined (NaN) and left out of the means", UserWarning, stacklevel=2)
+
 # %% ../nbs/09_evaluate.ipynb #e442639b
 def evaluate(model:nn.Module, # the classifier, taking [0,1] inputs
              x:Tensor, y:Tensor, # the evaluation set: images in [0,1] and labels
@@ -240,14 +289,14 @@ def evaluate(model:nn.Module, # the classifier, taking [0,1] inputs
     y = check_evaluation(model, x, y, p)
     if reference is not None: check_model(unwrap_model(reference), x, 'reference')
     warn_other_threat(model, p)
-    idx, tried = first_correct(model, x, y, p.n, bs)
+    idx, tried = evaluation_sample(model, x, y, p.n, p.sample, bs)
     if not len(idx): warnings.warn(f"the model classifies none of the {len(x)} samples correctly: IN and CO, measured on correctly "
                                    "classified samples only, are undefined (NaN)", UserWarning, stacklevel=2)
     pgd, ifia = protocol_attacks(p, seed, internal_batch_size)
     res = dict(model=type(model).__name__, NA=(_predict(model, x, bs) == y).float().mean().item())
     if aa: res['AA'] = robust_accuracy(model, x[:aa_n], y[:aa_n], pgd, bs, progress).float().mean().item()
     if localization: res |= localization_metrics(model, x, y, masks, boxes, bs=bs, **(localization if isinstance(localization, dict) else {}))
-    per = {k: [] for k in ('IN', 'CO', 'spearman', 'moved', 'steps', 'flat') + (('AA_topk', 'AA_kendall', 'AA_spearman') if reference is not None else ())}
+    per = {k: [] for k in ('IN', 'CO', 'spearman', 'moved', 'steps', 'flat', 'constant') + (('AA_topk', 'AA_kendall', 'AA_spearman') if reference is not None else ())}
     for i in _batches(len(idx), bs, progress, 'IFIA'):
         j = idx[i:i+bs]
         clean = ifia.measure_map(model, x[j], y[j])
@@ -255,17 +304,21 @@ def evaluate(model:nn.Module, # the classifier, taking [0,1] inputs
         adv = ifia.measure_map(model, xa, y[j])
         per['IN'].append(topk_intersection(clean, adv, p.k)); per['CO'].append(kendall_tau(clean, adv))
         per['spearman'].append(spearman(clean, adv)); per['moved'].append(rec.moved); per['steps'].append(rec.steps)
-        per['flat'].append(rec.flat)
+        per['flat'].append(rec.flat); per['constant'].append(constant_map(clean))
         if reference is not None:
             ref = ifia.measure_map(unwrap_model(reference), x[j], y[j])
             per['AA_topk'].append(aa_topk(ref, clean, adv, p.k))
             per['AA_kendall'].append(aa_kendall(ref, clean, adv)); per['AA_spearman'].append(aa_spearman(ref, clean, adv))
     per = {k: (torch.cat(v).cpu() if v else torch.zeros(0)) for k,v in per.items()}
+    constant = per.pop('constant').bool()
     for k in ('IN', 'CO', 'spearman', 'AA_topk', 'AA_kendall', 'AA_spearman'):
-        if k in per: res[k] = per[k].float().mean().item() if len(per[k]) else float('nan')
+        if k not in per: continue
+        per[k] = per[k].float().masked_fill(constant, float('nan'))   # a constant clean map has no ranking to keep
+        res[k] = per[k].nanmean().item() if (~constant).any() else float('nan')
     res.update(n=len(idx), tried=tried, skipped_misclassified=tried-len(idx), never_moved=int((~per.pop('moved').bool()).sum()),
-               flat_starts=int((per['flat'] > 0).sum()), protocol=p.record(), seconds=time.time()-start, per_sample=res.pop('per_sample', {}) | {k: v.tolist() for k,v in per.items()})
-    warn_never_moved(res)
+               flat_starts=int((per['flat'] > 0).sum()), constant_maps=int(constant.sum()), indices=idx.tolist(),
+               classes=class_counts(y[idx]), protocol=p.record(), seconds=time.time()-start, per_sample=res.pop('per_sample', {}) | {k: v.tolist() for k,v in per.items()})
+    warn_never_moved(res); warn_constant_maps(res)
     return res
 
 # %% ../nbs/09_evaluate.ipynb #cafaafe0

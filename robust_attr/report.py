@@ -54,7 +54,7 @@ def audit(model, # the classifier, taking [0,1] inputs
     if out is not None: out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
     ens = EnsembleAttack(protocol_attacks(p, seed, internal_batch_size=256)[1], attacks=attacks or ENSEMBLE, k=p.k, seed=seed)
     warn_other_threat(model, p)
-    res = audit_attacks(model, x, y, ens, n=p.n, bs=bs)
+    res = audit_attacks(model, x, y, ens, n=p.n, sample=p.sample, bs=bs)
     rec, idx = res['record'], res['idx']
     result = dict(model=type(model).__name__, protocol=p.record(), members=list(ens.members), restarts=ens.restarts,
                   noise_draws=ens.noise_draws, table=ensemble_table(res), n=len(idx), tried=res['tried'],
