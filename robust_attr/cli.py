@@ -7,12 +7,12 @@ from __future__ import annotations
 import argparse, ast, contextlib, contextvars, dataclasses, functools, importlib, inspect, json, math, numbers, os, sys, time, types, typing, warnings
 from collections.abc import Sequence
 from pathlib import Path
+from .options import *
+from .options import _work_starts, _working, _check_settings
 
 # %% auto #0
-__all__ = ['LEGEND', 'DEMO_PROTOCOL', 'DEMO_AAT', 'CHOICES', 'COMMANDS', 'parse_setting', 'parse_settings', 'positive',
-           'at_least', 'one_of', 'output_file', 'output_dir', 'checkpoint', 'check_args', 'option', 'checked', 'train',
-           'evaluation_target', 'legend', 'protocol_lines', 'report', 'evaluate_saved', 'native_bf16', 'demo',
-           'RegistryNames', 'add_options', 'OneLineParser', 'main']
+__all__ = ['LEGEND', 'DEMO_PROTOCOL', 'DEMO_AAT', 'COMMANDS', 'parse_setting', 'parse_settings', 'train', 'legend',
+           'protocol_lines', 'report', 'evaluate_saved', 'native_bf16', 'demo', 'add_options', 'OneLineParser', 'main']
 
 # %% ../nbs/12_cli.ipynb #b8bc284d
 def parse_setting(pair:str): # a `key=value` string
@@ -26,97 +26,6 @@ def parse_setting(pair:str): # a `key=value` string
 def parse_settings(pairs): # `key=value` strings
     "A dict from `key=value` strings, values read as Python literals when they are one."
     return dict(parse_setting(p) for p in pairs or [])
-
-# %% ../nbs/12_cli.ipynb #dbb14811
-_working = contextvars.ContextVar('robust_attr.cli working', default=False)
-
-def _work_starts():
-    "Mark that the running command has checked its inputs and starts its work."
-    _working.set(True)
-
-# %% ../nbs/12_cli.ipynb #1fd1c7c3
-def _number(name, v, kind=numbers.Real):
-    "Raise a `TypeError` unless `v` is a `kind` (never a bool)."
-    if isinstance(v, bool) or not isinstance(v, kind):
-        raise TypeError(f"{name} must be {'an integer' if kind is numbers.Integral else 'a number'}, got {v!r}")
-
-def positive(name:str, # the parameter's name as the user spells it
-             v): # its value
-    "Check that `v` is a finite number > 0 (a learning rate, a radius)."
-    _number(name, v)
-    if not (v > 0 and math.isfinite(v)): raise ValueError(f"{name} must be > 0, got {v!r}")
-
-def at_least(lo:int): # the smallest allowed count
-    "A check that a value is an integer ≥ `lo` (epochs, sizes)."
-    def check(name, v):
-        _number(name, v, numbers.Integral)
-        if v < lo: raise ValueError(f"{name} must be >= {lo}, got {v!r}")
-    return check
-
-def one_of(choices): # the allowed values, or a name of `CHOICES` (read when checked: registries import torch)
-    "A check that a value is one of `choices`."
-    def check(name, v):
-        names = CHOICES[choices] if isinstance(choices, str) else choices
-        if v not in names: raise ValueError(f"{name} must be one of {', '.join(names)}, got {v!r}")
-    return check
-
-
-# %% ../nbs/12_cli.ipynb #b1714a58
-def _creatable(name, d:Path):
-    "Raise a `ValueError` unless directory `d` exists or can be made: its nearest existing ancestor is a writable directory."
-    base = next(p for p in (d, *d.parents) if p.exists())
-    if not base.is_dir(): raise ValueError(f"{name}: cannot create the directory {d}: {base} is a file")
-    if not os.access(base, os.W_OK | os.X_OK): raise ValueError(f"{name}: cannot write in {base}")
-
-def output_file(name:str, # the parameter's name as the user spells it
-                p): # the path of a file to write
-    "Check that `p` can be written as a file: not a directory, in a directory that exists or can be made."
-    p = Path(p)
-    if p.is_dir(): raise ValueError(f"{name} must name a file, but {p} is a directory")
-    if p.exists() and not os.access(p, os.W_OK): raise ValueError(f"{name}: cannot overwrite {p}")
-    _creatable(name, p.parent)
-
-def output_dir(name:str, # the parameter's name as the user spells it
-               p): # the path of a directory to write in
-    "Check that `p` is a directory, or can be made as one."
-    p = Path(p)
-    if p.exists() and not p.is_dir(): raise ValueError(f"{name} must name a directory, but {p} is a file")
-    _creatable(name, p)
-
-def checkpoint(name:str, # the parameter's name as the user spells it
-               p, # a checkpoint's path (a model object passes: the Python API takes one too)
-               missing_ok:bool=False): # leave a missing file to the caller
-    "Check that the checkpoint `p` is a file (what is in it, `models.load_model` checks)."
-    if not isinstance(p, (str, os.PathLike)): return
-    if Path(p).is_dir(): raise ValueError(f"{name} must name a model checkpoint, but {p} is a directory")
-    if not (missing_ok or Path(p).exists()): raise FileNotFoundError(f"no model checkpoint at {p}")
-
-
-# %% ../nbs/12_cli.ipynb #a1e339ed
-def check_args(checks:dict, # {parameter: check}
-               values:dict, # {parameter: value}
-               spell=str): # how the user spells a parameter's name (the CLI: `option`)
-    "Run each check on its value, in order; None is the default and is not checked."
-    for k, check in checks.items():
-        if values.get(k) is not None: check(spell(k), values[k])
-
-def option(name:str): # a parameter's name
-    "The command-line option of a parameter: `n_train` → `--n-train`."
-    return '--' + name.replace('_', '-')
-
-def checked(**checks): # {parameter: check}, cheap ones first
-    "Decorator: run `checks` on the arguments before the function's body; `fn.checks` has them for the command line."
-    def deco(fn):
-        sig = inspect.signature(fn)
-        @functools.wraps(fn)
-        def _f(*args, **kwargs):
-            b = sig.bind(*args, **kwargs); b.apply_defaults()
-            check_args(checks, b.arguments)
-            return fn(*args, **kwargs)
-        _f.checks = checks
-        return _f
-    return deco
-
 
 # %% ../nbs/12_cli.ipynb #07e3227a
 @checked(epochs=at_least(1), bs=at_least(1), n_train=at_least(1), n_valid=at_least(1), lr=positive, eps=positive,
@@ -180,18 +89,6 @@ def _progress(learn, # a fastai `Learner` about to `fit`
         try: yield
         finally: learn.logger = logger
 
-
-# %% ../nbs/12_cli.ipynb #52bab37a
-def evaluation_target(model, # a model returned by `load_model`
-                      data:str|None=None, # the data set asked for, None for the model's
-                      eps:float|None=None): # the radius asked for, None for the model's
-    "`(data, eps)` to evaluate a saved model with: by default the data set and radius it was trained for."
-    from robust_attr.models import checkpoint_threat
-    trained, threat = getattr(model, 'meta', {}).get('data'), checkpoint_threat(model)
-    if data is None and trained is None:
-        raise ValueError("the checkpoint does not record the data set it was trained on; name one (`data`, --data)")
-    if data is not None and data != trained: return data, eps  # another data set: its protocol's radius unless asked
-    return trained, (threat.eps if eps is None and threat is not None else eps)
 
 # %% ../nbs/12_cli.ipynb #142c6150
 LEGEND = dict(
@@ -274,12 +171,6 @@ def evaluate_saved(model, # a saved model (written by robust_attr train or `save
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(res, indent=1))
     return res
-
-def _check_settings(settings:dict, # names given
-                    known:set): # names accepted
-    "Raise a `ValueError` naming the unknown keys of `settings`."
-    unknown = set(settings) - known
-    if unknown: raise ValueError(f"unknown settings {sorted(unknown)}; settings: {sorted(known)}")
 
 # %% ../nbs/12_cli.ipynb #1b11b6de
 DEMO_PROTOCOL = dict(ifia_steps=12, ig_steps=16, attack_ig_steps=4, pgd_steps=10)  # the evaluation's sizes (digits protocol, shrunk)
@@ -378,22 +269,6 @@ def _type(anno):
         args = [a for a in typing.get_args(anno) if a is not type(None)]
         anno = args[0] if len(args)==1 else None
     return anno if anno in (int, float, bool) else None
-
-# %% ../nbs/12_cli.ipynb #b7825f9b
-class RegistryNames(Sequence):
-    "The names of a registry (a dict in a `robust_attr` module), read on first use."
-    def __init__(self, module:str, # the module, e.g. 'robust_attr.data'
-                 registry:str): # the dict's name in it, e.g. 'DATASETS'
-        self.module, self.registry = module, registry
-    @functools.cached_property
-    def names(self): return tuple(getattr(importlib.import_module(self.module), self.registry))
-    def __getitem__(self, i): return self.names[i]
-    def __len__(self): return len(self.names)
-    def __repr__(self): return f"{self.module}.{self.registry}: {', '.join(self.names)}"
-
-CHOICES = dict(data=RegistryNames('robust_attr.data', 'DATASETS'), arch=RegistryNames('robust_attr.models', 'ARCHS'),
-               method=RegistryNames('robust_attr.train', 'METHODS'), variant=('quick', 'full'), split=('train', 'valid', 'test'),
-               precision=RegistryNames('robust_attr.attacks', 'PRECISIONS'))
 
 # %% ../nbs/12_cli.ipynb #9a5ec8e5
 def _help(docment:str|None): # a parameter's docments comment

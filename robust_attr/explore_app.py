@@ -42,7 +42,7 @@ def explorer_for(models:list, # paths of saved models (`robust_attr train`, `mod
                  path=None, # data directory, None for the default places
                  **settings): # `SaliencyExplorer` settings: method, eps, steps, k, max_eps, max_steps, dpi, ig_steps, ...
     "A `SaliencyExplorer` over saved models and `n` samples of a data set, attacks run in a thread so that Stop works."
-    from robust_attr.cli import checkpoint, evaluation_target
+    from robust_attr.options import checkpoint, evaluation_target
     if isinstance(models, (str, os.PathLike)): models = [models]
     if not models: raise ValueError("name at least one saved model (`models`, --model)")
     for p in models: checkpoint('model', p)  # before the imports of torch: a missing file is reported at once
@@ -121,7 +121,7 @@ def explore_config(model:list[str], # a saved model (written by robust_attr trai
                    path=None, # data directory, None for the default places
                    **settings): # explorer settings: method, eps, steps, k, max_eps, max_steps, dpi, ig_steps, attack_ig_steps, ...
     "Check the explorer's inputs by building it once; return `explorer_for`'s arguments as JSON-able values, paths absolute."
-    from robust_attr.cli import at_least
+    from robust_attr.options import at_least
     at_least(1)('n', n)
     models = [str(Path(p).resolve()) if isinstance(p, (str, os.PathLike)) else p
               for p in ([model] if isinstance(model, (str, os.PathLike)) else model)]
@@ -142,7 +142,7 @@ def explore(model:list[str], # a saved model (written by robust_attr train or `s
             open_browser:bool=False, # also open the page in this machine's browser
             **settings): # explorer settings: method, eps, steps, k, max_eps, max_steps, dpi, ig_steps, attack_ig_steps, ...
     "Serve the saliency explorer for saved models as a web page (Voilà) and print its address; stop with Ctrl-C."
-    from robust_attr.cli import at_least
+    from robust_attr.options import at_least
     check_app_installed()
     at_least(0)('port', port)
     if port > 65535: raise ValueError(f"port must be <= 65535, got {port}")

@@ -232,7 +232,7 @@ def audit_saved(model, # a saved model (written by robust_attr train or `save_mo
                 seed:int=0, # seed of the random starts, the noise and the certificate
                 **overrides): # other protocol settings (e.g. `ifia_steps=20`)
     "Audit a saved model's explanations — the ensemble attack, the noise baseline, LENS measures, the certificate on request — into one HTML report; print its table."
-    from robust_attr.cli import at_least, positive, one_of, output_file, checkpoint, evaluation_target, _check_settings, _work_starts
+    from robust_attr.options import at_least, positive, one_of, output_file, checkpoint, evaluation_target, _check_settings, _work_starts
     for name, check, v in (('--n', at_least(1), n), ('--bs', at_least(1), bs), ('--seed', at_least(0), seed), ('--out', output_file, out),
                            ('--variant', one_of(('quick', 'full')), variant), ('--split', one_of(('train', 'valid', 'test')), split)):
         check(name, v)
