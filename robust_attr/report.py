@@ -35,7 +35,7 @@ def audit(model, # the classifier, taking [0,1] inputs
           attacks=None, # ensemble members (default: all of `audit.ENSEMBLE`)
           certify:bool|dict=False, # add the Sparsified SmoothGrad certificate (a dict: options of `CERTIFY`)
           source=None, # a second model: add the accuracy under PGD examples crafted on it (ART Table 6)
-          corruptions:int|None=None, # a severity 1–5: add the accuracy under the 15 common corruptions (ART Table 3)
+          corruptions:int|None=None, # a severity 1–5: add the accuracy under CIFAR-10-C's 15 corruptions (ART Table 3)
           maps:bool=False, # add the robustness of saliency, input×gradient, SmoothGrad, GradientSHAP maps (ART Table 4)
           out=None, # write the HTML report here
           bs:int=100, # images per attack batch
@@ -172,8 +172,8 @@ def _art_html(r:dict):
                 f"{r['transfer']['n']} images: <b>{r['transfer']['accuracy']:.1%}</b>.</p>"]
     if 'corruptions' in r:
         c = r['corruptions']
-        out += ['<h2>Common corruptions</h2>', f"<p>Accuracy under each corruption at severity {c['severity']} (ART Table 3; torch versions of "
-                f"CIFAR-10-C's recipes, see <code>art_evals</code>), first {c['n']} images.</p>",
+        out += ['<h2>Common corruptions</h2>', f"<p>Accuracy under each corruption at severity {c['severity']} (ART Table 3: CIFAR-10-C's 15 "
+                f"corruptions as its generator computes them, frost from a generated texture; see <code>art_evals</code>), first {c['n']} images.</p>",
                 '<table><tr><th>corruption</th><th>accuracy</th></tr>' + ''.join(f'<tr><td>{e(k)}</td><td>{v:.1%}</td></tr>' for k,v in c['accuracy'].items()) + '</table>']
     if 'maps' in r:
         out += ['<h2>Other attribution maps</h2>', "<p>The protocol's IFIA on each map (ART Table 4), the audited images.</p>",
@@ -224,7 +224,7 @@ def audit_saved(model, # a saved model (written by robust_attr train or `save_mo
                 variant:str='quick', # protocol variant: same rules, 'quick' with smaller sizes
                 certify:bool=False, # add the Sparsified SmoothGrad certificate and its radius curve
                 source=None, # a second saved model: add the accuracy under PGD examples crafted on it
-                corruptions:int|None=None, # a severity 1–5: add the accuracy under 15 common corruptions
+                corruptions:int|None=None, # a severity 1–5: add the accuracy under CIFAR-10-C's 15 corruptions
                 maps:bool=False, # add the robustness of saliency, input×gradient, SmoothGrad and GradientSHAP maps
                 split:str='test', # which split to audit on
                 path=None, # data directory
