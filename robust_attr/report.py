@@ -433,7 +433,7 @@ def _art_html(r:dict):
                 f"{r['transfer']['n']} images: <b>{r['transfer']['accuracy']:.1%}</b>.</p>"]
     if 'corruptions' in r:
         c = r['corruptions']
-        out += ['<h2>Common corruptions</h2>', f"<p>Accuracy under each corruption at severity {c['severity']} (ART Table 3; torch versions of "
+        out += ['<h2>Common corruptions</h2>', f"<p>Accuracy under each corruption at severity {c['severity']} (ART Table 3: CIFAR-10-C's 15 "
                 f"corruptions as its generator computes them, frost from a generated texture; see <code>art_evals</code>), first {c['n']} images.</p>",
                 '<table><tr><th class=l>corruption</th><th>accuracy</th></tr>' + ''.join(f'<tr><td class=l>{e(k)}</td><td>{v:.1%}</td></tr>' for k,v in c['accuracy'].items()) + '</table>']
     if 'maps' in r:
