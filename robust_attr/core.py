@@ -14,10 +14,10 @@ import torch.utils.checkpoint as torch_checkpoint
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['NORMS', 'BOX', 'CHANNEL_REDUCTIONS', 'check_choice', 'check_number', 'check_tensor', 'check_images', 'check_targets',
-           'check_logits', 'check_same_shape', 'as_batch', 'per_sample_norm', 'clamp_box', 'project_linf', 'project_l2',
-           'project', 'normalize_step', 'random_start', 'ThreatModel', 'reduce_channels', 'recompute_state',
-           'eval_mode', 'model_device', 'is_compiled', 'check_model']
+__all__ = ['NORMS', 'BOX', 'CHANNEL_REDUCTIONS', 'CAN_FOLLOW_CHECKPOINTS', 'check_choice', 'check_number', 'check_tensor',
+           'check_images', 'check_targets', 'check_logits', 'check_same_shape', 'as_batch', 'per_sample_norm',
+           'clamp_box', 'project_linf', 'project_l2', 'project', 'normalize_step', 'random_start', 'ThreatModel',
+           'reduce_channels', 'recompute_state', 'eval_mode', 'model_device', 'is_compiled', 'check_model']
 
 # %% ../nbs/00_core.ipynb #24dae6a2
 NORMS = ('linf', 'l2')
@@ -242,9 +242,10 @@ def _replaying(recompute, factories):
     return replayed
 
 # %% ../nbs/00_core.ipynb #67e11e8d
-_TORCH_CHECKPOINT = {'_CheckpointFrame': torch_checkpoint._CheckpointFrame, 'CheckpointFunction': torch_checkpoint.CheckpointFunction}
+_TORCH_CHECKPOINT = {k: getattr(torch_checkpoint, k, None) for k in ('_CheckpointFrame', 'CheckpointFunction', 'checkpoint')}
+CAN_FOLLOW_CHECKPOINTS = _TORCH_CHECKPOINT['_CheckpointFrame'] is not None and _TORCH_CHECKPOINT['CheckpointFunction'] is not None
 
-class _ReplayingFrame(torch_checkpoint._CheckpointFrame):
+class _ReplayingFrame(_TORCH_CHECKPOINT['_CheckpointFrame'] or object):
     "torch's non-reentrant checkpoint frame, whose recomputes run under the states captured at its forward."
     def __init__(self, recompute_fn, *args, **kwargs):
         factories = [capture() for capture in _captures()]
@@ -257,14 +258,21 @@ class _AsNonReentrant:
         if not _captures(): return _TORCH_CHECKPOINT['CheckpointFunction'].apply(function, preserve_rng_state, *args)
         return torch_checkpoint.checkpoint(function, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state)
 
+def _refuse_checkpoint(*args, **kwargs):
+    "torch.utils.checkpoint where robust_attr cannot follow it: an error inside the library's passes."
+    if not _captures(): return _TORCH_CHECKPOINT['checkpoint'](*args, **kwargs)
+    raise RuntimeError(f"robust_attr cannot follow gradient checkpointing in torch {torch.__version__} (its recomputes would run "
+                       "outside eval mode and the surrogate): switch the model's checkpointing off for attacks, maps and training")
+
 _hooks = {'lock': threading.Lock(), 'users': 0}
 def _hook_checkpoint(on:bool): # one user more (True) or one less (False)
     "torch's checkpoint follows `recompute_state` while any block uses it, and is torch's own again when none does."
     with _hooks['lock']:
         _hooks['users'] += 1 if on else -1
-        if _hooks['users'] == (1 if on else 0):
-            new = {'_CheckpointFrame': _ReplayingFrame, 'CheckpointFunction': _AsNonReentrant} if on else _TORCH_CHECKPOINT
-            for k,v in new.items(): setattr(torch_checkpoint, k, v)
+        if _hooks['users'] != (1 if on else 0): return
+        if CAN_FOLLOW_CHECKPOINTS: new = {'_CheckpointFrame': _ReplayingFrame, 'CheckpointFunction': _AsNonReentrant}
+        else: new = {'checkpoint': _refuse_checkpoint}   # a torch whose checkpoint internals are unknown: refuse, do not guess
+        for k,v in new.items(): setattr(torch_checkpoint, k, v if on else _TORCH_CHECKPOINT[k])
 
 @contextmanager
 def recompute_state(capture): # called when a checkpointed forward runs; returns a factory of the context its recomputes run in
