@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_models.ipynb #f971fbcd
 from __future__ import annotations
-import hashlib, math, numbers, pickle, threading, zipfile
+import hashlib, math, numbers, pickle, threading, warnings, zipfile
 from dataclasses import asdict
 from pathlib import Path
 import torch
@@ -205,7 +205,26 @@ class ImageClassifier(nn.Module):
     def forward(self, x:Tensor):
         if self.channels and x.dim() == 4 and x.shape[1] != self.channels:
             raise ValueError(f"ImageClassifier normalizes {self.channels} channels (`mean`/`std`), but the input has {x.shape[1]}")
-        return read_logits(self.model(self.normalize(x)), self.output)
+        out = self.model(self.normalize(x))
+        logits = read_logits(out, self.output)
+        if self.training and torch.is_grad_enabled(): _warn_dropped(self.model, out, logits)
+        return logits
+
+def _dropped_outputs(out, logits:Tensor):
+    "Names of the tensors in a model's output, other than `logits`, that carry a gradient."
+    if isinstance(out, dict): items = out.items()
+    elif hasattr(out, '_fields'): items = zip(out._fields, out)      # a named tuple
+    elif isinstance(out, (tuple, list)): items = enumerate(out)
+    else: items = vars(out).items() if hasattr(out, '__dict__') and not isinstance(out, Tensor) else ()
+    return [str(k) for k,v in items if isinstance(v, Tensor) and v is not logits and v.requires_grad]
+
+def _warn_dropped(model, out, logits):
+    "Warn that the outputs the wrapper drops in train mode take no part in the loss."
+    dropped = _dropped_outputs(out, logits)
+    if dropped: warnings.warn(f"ImageClassifier: {type(model).__name__} returns {type(out).__name__} in train mode and the loss uses "
+                              f"its logits only: the outputs {dropped} take no part in it, so the heads computing them get no gradient "
+                              "(build the model without them, e.g. GoogLeNet(aux_logits=False), or train them with a loss of your own)",
+                              UserWarning, stacklevel=3)
 
 # %% ../nbs/06_models.ipynb #8d27dd65
 ARCHS = dict(small_cnn=SmallCNN, madry_resnet=MadryResNet, wide_resnet=WideResNet, linear=LinearModel)

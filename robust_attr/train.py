@@ -29,8 +29,8 @@ from .evaluate import threat_model_for
 # %% auto #0
 __all__ = ['FAR_OBJECTIVES', 'METHODS', 'FARCallback', 'AdvTrainCallback', 'layer_attribution', 'IGNormCallback',
            'IGSumNormCallback', 'TRADESCallback', 'ARTCallback', 'AATCallback', 'AdvAATCallback',
-           'SaliencyMatchCallback', 'method_callback', 'robust_learner', 'recompute_batchnorm_stats',
-           'RecomputeBatchNormStats']
+           'SaliencyMatchCallback', 'method_callback', 'CheckTrainOutput', 'robust_learner',
+           'recompute_batchnorm_stats', 'RecomputeBatchNormStats']
 
 # %% ../nbs/08_train.ipynb #474b6665
 class _TermRecorder(Callback):
@@ -361,7 +361,17 @@ def method_callback(method:str, # a `METHODS` name
         return None
     return cls(**kwargs)
 
-# %% ../nbs/08_train.ipynb #8d4836b4
+# %% ../nbs/08_train.ipynb #4a398737
+class CheckTrainOutput(Callback):
+    "Before the first training batch: the model's train-mode output must be `(B, n_classes)` logits, or a clear error."
+    order = TrainEvalCallback.order + 1
+    def before_fit(self): self._checked = False
+    def before_batch(self):
+        if not self.training or self._checked: return
+        check_model(unwrap_model(self.learn.model), self.xb[0], train=True)
+        self._checked = True
+
+# %% ../nbs/08_train.ipynb #f910c404
 def _infer_arch_kwargs(dls):
     "n_classes, in_channels and img_size of a DataLoaders, for the default architecture."
     xb, yb = dls.one_batch()
@@ -401,7 +411,7 @@ def robust_learner(dls, # fastai `DataLoaders` of [0,1] images and integer label
     model = _initial_model(dls, arch, init, arch_kwargs)
     if getattr(dls, 'device', None) is not None: model = model.to(dls.device)
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=opt_func, lr=lr, metrics=metrics,
-                    cbs=listify(cb) + listify(cbs))
+                    cbs=[CheckTrainOutput()] + listify(cb) + listify(cbs))
     if cb is not None and cb.threat is not None: threat = cb.threat  # a given attack brings its own
     learn.threat, learn.method, learn.method_settings = threat, method, ({} if cb is None else cb.settings())
     return learn
