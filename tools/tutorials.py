@@ -188,6 +188,8 @@ def _text(s):
     return s
 
 
+DRIFT = dict(number=0., figure=0.)  # the largest differences met: numbers as a share of OTHER's tolerance, figures in mean |Δpixel|
+
 def _same_text(a, b, tol=SAME):
     "Equal up to volatile parts and numbers within `tol`; None if so, else a short description."
     a, b = _text(a), _text(b)
@@ -196,7 +198,9 @@ def _same_text(a, b, tol=SAME):
         d = difflib.unified_diff(b.splitlines(), a.splitlines(), 'committed', 'executed', lineterm='', n=1)
         return '\n'.join(list(d)[:20])
     for x, y in zip(_NUM.findall(a), _NUM.findall(b)):
-        if abs(float(x) - float(y)) > tol['atol'] + tol['rtol']*abs(float(y)): return f"number {x} (executed) vs {y} (committed)"
+        d = abs(float(x) - float(y))
+        DRIFT['number'] = max(DRIFT['number'], d / (OTHER['atol'] + OTHER['rtol']*abs(float(y))))
+        if d > tol['atol'] + tol['rtol']*abs(float(y)): return f"number {x} (executed) vs {y} (committed)"
 
 
 def _same_png(a, b, tol=SAME):
@@ -205,6 +209,7 @@ def _same_png(a, b, tol=SAME):
     ia, ib = (np.asarray(Image.open(io.BytesIO(base64.b64decode(''.join(v)))).convert('RGB'), dtype=float) for v in (a, b))
     if ia.shape != ib.shape: return f"figure size {ia.shape[1]}×{ia.shape[0]} (executed) vs {ib.shape[1]}×{ib.shape[0]} (committed)"
     d = np.abs(ia - ib).mean() / 255
+    DRIFT['figure'] = max(DRIFT['figure'], d)
     if d > tol['img']: return f"figure differs by {d:.3f} mean |Δpixel| (tolerance {tol['img']})"
 
 
@@ -305,8 +310,10 @@ def main(argv=None):
         if a.command == 'write': write(nb); print(f"wrote {nb} ({nb.stat().st_size/1024:.0f} KiB)")
         elif a.command == 'test': execute(nb, a.flags.split()); print(f"ran {nb}")
         else:
+            DRIFT.update(number=0., figure=0.)
             probs = check(nb)
-            print('\n'.join(probs) if probs else f"{nb}: outputs are up to date ({describe(nb).split(': ', 1)[1]})")
+            print('\n'.join(probs) if probs else f"{nb}: outputs are up to date ({describe(nb).split(': ', 1)[1]}; largest "
+                  f"differences: numbers {DRIFT['number']:.0%} of another platform's tolerance, figures {DRIFT['figure']:.3f} mean |Δpixel|)")
             bad += bool(probs)
     return 1 if bad else 0
 
