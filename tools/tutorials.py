@@ -280,7 +280,7 @@ def check(path):
             src = _source(o).strip().splitlines()
             problems.append(f"{path}, code cell {i} ({src[0][:60] if src else ''}): {e}")
     if problems:
-        if changes: problems.append(f"{path}: outputs written on another platform ({', '.join(f'{k} {a} here {b}' for k, (a, b) in changes.items())}): "
+        if changes: problems.append(f"{path}: outputs written on another platform ({', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in changes.items())}): "
                                     f"numbers compared within {OTHER}")
         elif rec.get('library') != library_digest(): problems.append(f"{path}: the library changed since the outputs were written")
     return problems
