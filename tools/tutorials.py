@@ -21,8 +21,8 @@ the builds of torch, numpy and the other numeric packages (`platform_record`), t
    figures of the same size;
 3. compares the numbers and the figures' pixels, as tightly as the platform allows. On the platform that wrote them a
    rerun reproduces the outputs up to float summation order (`SAME`: numbers within 0.006 + 2 %, figures within 0.02 mean
-   |Δpixel|). Elsewhere, training amplifies rounding differences (another torch or numpy build moved a fine-tuning loss
-   from 1.631 to 1.584 and an IN from 0.624 to 0.657), so numbers and pixels only have to stay within `OTHER`. A change in
+   |Δpixel|). Elsewhere, training amplifies rounding differences (in one fresh environment a fine-tuning loss moved from
+   1.631 to 1.584 and an IN from 0.624 to 0.657, issue 26), so numbers and pixels only have to stay within `OTHER`. A change in
    the library that moves results by less than that is caught by CI, whose platform is the one the tutorials are written
    on, not on another machine.
 Figures are PNG at 72 dpi to keep the notebooks small."""
