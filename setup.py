@@ -27,7 +27,8 @@ py_versions = '3.10 3.11 3.12 3.13'.split()
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 min_python = cfg['min_python']
 requirements = shlex.split(cfg.get('requirements', ''))
-dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
+test_requirements = shlex.split(cfg.get('test_requirements', ''))
+dev_requirements = shlex.split(cfg.get('dev_requirements', '')) + test_requirements
 app_requirements = shlex.split(cfg.get('app_requirements', ''))
 console_scripts = cfg.get('console_scripts', '').split()
 
@@ -46,7 +47,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['robust_attr', 'robust_attr.*']),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements, 'app': app_requirements},
+    extras_require={'dev': dev_requirements, 'test': test_requirements, 'app': app_requirements},
     python_requires='>=' + min_python,
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',

@@ -92,8 +92,8 @@ def _progress(learn, # a fastai `Learner` about to `fit`
 
 # %% ../nbs/12_cli.ipynb #142c6150
 LEGEND = dict(
-    NA='natural accuracy: share of the evaluation images classified correctly (higher = better)',
-    AA='adversarial accuracy: share still classified correctly under a PGD attack within ε (higher = more robust)',
+    NA='natural accuracy: share of all the images of the split classified correctly, not only of the n attacked (higher = better)',
+    AA='adversarial accuracy: share of the images of the split (the first aa_n, if given) still classified correctly under a PGD attack within ε (higher = more robust)',
     IN="top-{k} intersection: share of the clean map's {k} most important pixels still in the top {k} after the attack (higher = more robust)",
     CO="Kendall's τ between the clean and the attacked map's pixel rankings: 1 = same order, 0 = unrelated (higher = more robust)",
     spearman="Spearman's rank correlation between the clean and the attacked map (higher = more robust)",
@@ -200,7 +200,7 @@ def demo(out='robust_attr_demo', # directory for the models, results and figure
          n_eval:int=40, # correctly classified validation digits to attack
          n_train:int|None=None, # training digits (a seeded subset), None for all
          seed:int=0, # seed of the data split, training and attacks
-         precision:str|None=None, # AAT's inner steps (fp32, bf16); None for bf16 where the CPU has it natively, else fp32
+         precision:str|None=None, # AAT's and the attacks' inner steps: fp32, bf16 or fp16 (GPUs); None for bf16 where the CPU has it natively, else fp32
          threads:int=1, # torch threads: 1 keeps the demo fast beside other work; 0 for torch's default (all cores)
          progress:bool|None=None): # progress bars and training tables, else plain lines; None for bars on a terminal only
     "Train natural and AAT models on the bundled digits, evaluate both, print the table, save a figure."

@@ -79,7 +79,7 @@ def surrogate_relu(beta:float=1.0, # softplus tightness β
     "The function that stands in for ReLU: softplus_β, or FAR's `second_order_relu` with β."
     check_choice(mode, SURROGATE_MODES, 'mode')
     beta = check_beta(beta)
-    return partial(F.softplus, beta=beta) if mode=='softplus' else partial(_SecondOrderReLU.apply, beta=beta)
+    return partial(F.softplus, beta=beta) if mode=='softplus' else partial(second_order_relu, beta=beta)
 
 def _relu_form(x, relu): return relu(x)
 def _hardtanh_form(x, relu, min_val=-1., max_val=1.): return min_val + relu(x - min_val) - relu(x - max_val)

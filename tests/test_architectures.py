@@ -1,6 +1,8 @@
 """Any image classifier a user brings: one test per architecture family, on tiny 32×32 inputs with random weights.
 
-For torchvision's ResNet-18, VGG-11 with BatchNorm, MobileNetV3-small, a small ConvNeXt, a small VisionTransformer, a
+Every test first shows that its subject is not trivial: the model's logits differ between classes and between images, and
+its maps are not constant (`assert_not_trivial`). A zero map would make "IG equals captum" read 0 == 0 and "IFIA moved
+the map" pass on `kendall_tau`'s value for a map without a ranking. For torchvision's ResNet-18, VGG-11 with BatchNorm, MobileNetV3-small, a small ConvNeXt, a small VisionTransformer, a
 model calling `F.relu` and one sharing a ReLU module: IG and saliency equal captum's; IFIA keeps every label and moves
 the map; the model is bit-identical afterwards; one AAT and one AdvAAT step change the parameters with a finite loss;
 `evaluate` returns its counts. The ViT runs every second-order path (IFIA's smoothed map, AAT's training map) without
@@ -56,13 +58,21 @@ def vgg11_bn():
     return m
 
 
+def vit():
+    """A small torchvision VisionTransformer. Its classification head starts at zero (torchvision's choice for fine-tuning),
+    so every logit and every map of the random model would be 0: the head gets small random weights, as the body has."""
+    m = torchvision.models.VisionTransformer(image_size=SIZE, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
+                                             mlp_dim=64, num_classes=N_CLASSES)
+    nn.init.normal_(m.heads.head.weight, std=0.02)
+    return m
+
+
 ARCHITECTURES = {
     'resnet18': partial(torchvision.models.resnet18, num_classes=N_CLASSES),
     'vgg11_bn': vgg11_bn,
     'mobilenet_v3_small': partial(torchvision.models.mobilenet_v3_small, num_classes=N_CLASSES),
     'convnext': partial(torchvision.models.ConvNeXt, [CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=N_CLASSES),
-    'vit': partial(torchvision.models.VisionTransformer, image_size=SIZE, patch_size=8, num_layers=2, num_heads=2,
-                   hidden_dim=32, mlp_dim=64, num_classes=N_CLASSES),
+    'vit': vit,
     'functional_relu': FunctionalCNN,
     'shared_relu': SharedReLUCNN,
 }
@@ -78,6 +88,20 @@ def images(model, n=4, seed=1):
     "`n` random images and the model's own predictions as labels (random weights: every image counts as correct)."
     x = torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad(): return x, model(x).argmax(1)
+
+
+def varies(t, dims):
+    "Whether `t` takes more than one value along `dims` for every index of the other dimensions."
+    return bool(((t.amax(dims) - t.amin(dims)) > 0).all())
+
+
+def assert_not_trivial(model, x, y):
+    """The test's subject is not trivial: each image's logits differ between classes, the logits differ between images, and
+    each image's saliency and IG maps take more than one value."""
+    with torch.no_grad(): logits = model(x)
+    assert varies(logits, 1) and varies(logits, 0), f"constant logits: {logits}"
+    for name, m in (('saliency', saliency(model, x, y)), ('IG', integrated_gradients(model, x, y, steps=8))):
+        assert varies(m.flatten(1), 1), f"a constant {name} map"
 
 
 def snapshot(model):
@@ -105,6 +129,7 @@ def close(a, b, rel=1e-4):
 def test_ig_and_saliency_equal_captum(name):
     model = build(name)
     x, y = images(model)
+    assert_not_trivial(model, x, y)
     ours = integrated_gradients(model, x, y, steps=16, method='riemann_right')
     theirs = IntegratedGradients(model).attribute(x, target=y, n_steps=16, method='riemann_right')
     assert close(ours, theirs)
@@ -115,13 +140,16 @@ def test_ig_and_saliency_equal_captum(name):
 def test_ifia_keeps_labels_moves_maps_and_leaves_the_model(name):
     model = build(name)
     x, y = images(model)
+    assert_not_trivial(model, x, y)
     before = snapshot(model)
     ifia = IFIA(EPS, EPS/2, 3, k=50, ig_steps=8, attack_ig_steps=4, seed=0)
     xa = ifia(model, x, y)
     assert_unchanged(model, before)
     with torch.no_grad(): assert torch.equal(model(xa).argmax(1), y)
     assert (xa - x).abs().max() <= EPS + 1e-6 and xa.min() >= 0 and xa.max() <= 1
-    co = kendall_tau(ifia.measure_map(model, xa, y), ifia.measure_map(model, x, y))
+    clean, adv = ifia.measure_map(model, x, y), ifia.measure_map(model, xa, y)
+    assert varies(clean.flatten(1), 1) and varies(adv.flatten(1), 1), "a constant map has no ranking to move"
+    co = kendall_tau(adv, clean)
     assert (co < 1).any(), co
     assert_unchanged(model, before)
 
@@ -134,10 +162,11 @@ class LossRecorder(Callback):
 
 
 def one_step(model, cb):
-    "One training step on one batch of four images; the recorded loss and whether every parameter tensor moved."
+    "One training step on one batch of four images; the recorded loss and whether any parameter tensor moved."
     set_seed(0)
     x = torch.rand(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
     with torch.no_grad(): y = model(x).argmax(1)
+    assert_not_trivial(model, x, y)
     dls = DataLoaders.from_dsets(list(zip(x[:4], y[:4])), list(zip(x[4:], y[4:])), bs=4, device='cpu')
     rec = LossRecorder()
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), lr=1e-3, cbs=[cb, rec])
@@ -160,17 +189,20 @@ def test_a_training_step_changes_the_parameters_with_a_finite_loss(name, method)
 def test_evaluate_returns_its_counts(name):
     model = build(name)
     x, y = images(model, n=3)
+    assert_not_trivial(model, x, y)
     res = evaluate(model, x, y, 'cifar10', variant='quick', n=2, aa_n=2, bs=4, progress=False, ifia_steps=2, ig_steps=8,
                    attack_ig_steps=4, pgd_steps=2, k=20, attack_k=20)
     assert res['n'] == 2 and res['tried'] == 2 and res['skipped_misclassified'] == 0
     assert len(res['per_sample']['CO']) == 2 and 0 <= res['IN'] <= 1
+    assert res['constant_maps'] == 0 and all(-1 <= c <= 1 for c in res['per_sample']['CO'])
 
 
 @pytest.mark.parametrize('name', ['functional_relu', 'shared_relu', 'resnet18'])
 def test_far_surrogate_gives_a_second_derivative_only_inside(name):
     "FAR's second-order ReLU: the attack's second derivative is zero on the ReLU network and non-zero inside the context."
-    model = build(name).double()
-    x, y = images(model.float(), n=2)
+    model = build(name)
+    x, y = images(model, n=2)
+    assert_not_trivial(model, x, y)
     model = model.double()
     def curvature(smooth):
         xg = x.double().requires_grad_()

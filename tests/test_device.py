@@ -49,6 +49,8 @@ def test_bf16_scores_are_fp32_scores(device):
     xa, rec = ifia(model, x, y, return_record=True)
     clean, adv = ifia.measure_map(model, x, y), ifia.measure_map(model, xa, y)
     assert clean.dtype == adv.dtype == torch.float32
+    flat = clean.flatten(1)
+    assert (flat.amax(1) > flat.amin(1)).all(), "a constant clean map: Kendall's τ would be 0 for any score"
     torch.testing.assert_close(-rec.score, kendall_tau(adv, clean), atol=1e-5, rtol=0)
 
 @pytest.mark.parametrize('device', DEVICES)
@@ -56,7 +58,7 @@ def test_evaluate_on_the_device(device):
     model, x, y = toy(device, n=6)
     res = evaluate(model, x, y, 'synthetic', 'quick', k=8, attack_k=8, ifia_steps=2, ig_steps=4, attack_ig_steps=2, pgd_steps=2,
                    progress=False, bs=3)
-    assert res['n'] == 6 and 0 <= res['CO'] <= 1 and 0 <= res['IN'] <= 1
+    assert res['n'] == 6 and res['constant_maps'] == 0 and 0 <= res['CO'] <= 1 and 0 <= res['IN'] <= 1
 
 @pytest.mark.parametrize('precision', ['fp32', 'bf16'])
 @pytest.mark.parametrize('method', ['adv', 'aat'])

@@ -6,11 +6,29 @@ linked. This script renders those to static HTML with a navigation sidebar on ev
 tutorials with their committed outputs, and the module pages. It works offline: figures are embedded, images copied,
 links to other pages made relative, links to files of the repository outside `nbs/` pointed at the repository on
 GitHub (`git_url` of settings.ini) when the file exists. `nbdev_docs` (with Quarto) is unchanged and still works.
-`tests/test_site.py` builds the site and checks it in headless Chromium for broken links and missing images."""
-import argparse, html, json, re, shutil, sys
+`tests/test_site.py` builds the site and checks it in headless Chromium for broken links and missing images.
+
+Needs the dev extras (`pip install -e ".[dev]"`: nbdev, and mistune, Pygments and PyYAML that come with it); without them it
+says so and exits with status 2. The sidebar lists the tutorials in learning order (`TUTORIAL_ORDER`), the reference pages
+in module order. A tutorial's quick settings and the `#| slow` cell with its full-run settings right after them show as one
+code block with a switch between the two (`switch_pairs`), not as two cells in a row."""
+import argparse, ast, html, importlib.util, json, re, shutil, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# modules this script needs beyond the library's own requirements: all come with the dev extras
+NEEDS = dict(nbdev='nbdev', execnb='execnb', mistune='mistune (through nbconvert)', pygments='Pygments', yaml='PyYAML')
+
+# The tutorials in the order a reader takes them (the README's order): the problem, the fix, one's own model, every method,
+# then the tools and the scale-ups. A tutorial not named here comes last; tests/test_site.py asserts that none is missing.
+TUTORIAL_ORDER = ['fragile', 'train_robust', 'audit_your_model', 'methods', 'explorer', 'distributed', 'localization',
+                  'reproduction']
+
+
+def missing_requirements():
+    "The modules of `NEEDS` that cannot be imported, as the packages to install."
+    return [pkg for mod, pkg in NEEDS.items() if importlib.util.find_spec(mod) is None]
 
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:0;display:flex;color:#222;line-height:1.5}
@@ -22,6 +40,10 @@ main{max-width:58rem;padding:1rem 2rem 4rem;min-width:0} pre{background:#f6f8fa;
 table{border-collapse:collapse;font-size:.85rem} td,th{border:1px solid #ddd;padding:.2rem .5rem}
 .description{font-size:1.15rem;color:#555} .source{float:right;font-size:smaller} code{background:#f2f2f2;padding:0 .2rem}
 .widget-note{color:#777;font-style:italic} hr{border:0;border-top:1px solid #ddd;margin:2rem 0 1rem}
+.switch{margin:1rem 0} .switch input{position:absolute;opacity:0} .switch label{display:inline-block;padding:.2rem .7rem;
+border:1px solid #ddd;border-bottom:0;border-radius:.3rem .3rem 0 0;font-size:.85rem;color:#555;cursor:pointer;background:#f6f7f9}
+.switch input:checked+label{background:#f6f8fa;color:#000;font-weight:bold} .switch input:focus-visible+label{outline:2px solid #1a5fb4}
+.switch pre{display:none;margin-top:0} .switch input.quick:checked~pre.quick,.switch input.full:checked~pre.full{display:block}
 """
 
 
@@ -148,6 +170,64 @@ def _output(o):
     return ''
 
 
+def _assigned(src):
+    "The names a cell of plain assignments sets (`a, b = 1, 2`), directives ignored; None if the cell does anything else."
+    try: body = ast.parse(src).body
+    except SyntaxError: return None
+    if not body or not all(isinstance(n, ast.Assign) for n in body): return None
+    return {t.id for n in body for tgt in n.targets for t in ast.walk(tgt) if isinstance(t, ast.Name)}
+
+
+def _slow(src): return bool(re.search(r'^#\|\s*slow\b', src, re.M))
+
+
+def switch_pairs(cells):
+    """Indices `i` where cell `i` sets the quick run's settings and cell `i+1` is a `#| slow` cell that sets some of the same
+    names for the full run: the two sides of one switch (nbdev_test runs the first; `--flags slow` runs both, the second last)."""
+    pairs = []
+    for i, (a, b) in enumerate(zip(cells, cells[1:])):
+        if a['cell_type'] != 'code' or b['cell_type'] != 'code': continue
+        sa, sb = ''.join(a['source']), ''.join(b['source'])
+        if _slow(sa) or not _slow(sb) or a.get('outputs') or b.get('outputs'): continue
+        quick, full = _assigned(sa), _assigned(sb)
+        if quick and full and full <= quick: pairs.append(i)
+    return pairs
+
+
+def _bare(src):
+    "A cell's source without its `#|` directives (nbdev's processing drops them), stripped."
+    return '\n'.join(l for l in src.splitlines() if not l.lstrip().startswith('#|')).strip()
+
+
+def switch_sources(cells):
+    "`(quick, full)` sources, without directives, of each switch among a notebook's cells (`switch_pairs`)."
+    return [(_bare(''.join(cells[i]['source'])), _bare(''.join(cells[i+1]['source']))) for i in switch_pairs(cells)]
+
+
+def _switch(quick, full, n):
+    "The two sides of a switch as one block: a tab for the quick run (this page's outputs) and one for the full run."
+    tab = lambda side, label, checked: (f'<input type="radio" name="switch{n}" id="switch{n}-{side}" class="{side}"{" checked" if checked else ""}>'
+                                        f'<label for="switch{n}-{side}">{label}</label>')
+    return (f'<div class="switch">{tab("quick", "quick run (the outputs on this page)", True)}'
+            f'{tab("full", "full run (<code>#| slow</code>: <code>--flags slow</code>)", False)}'
+            f'<pre class="code quick">{_code("".join(quick["source"]))}</pre><pre class="code full">{_code("".join(full["source"]))}</pre></div>')
+
+
+def _cells(cells, switches=None):
+    """A page's cells as HTML, each switch's two sides as one block. `switches`: the `switch_sources` of the notebook the
+    cells come from (nbdev's processing has removed the `#| slow` that tells them), None to find them in `cells`."""
+    switches = set(switch_sources(cells) if switches is None else switches)
+    code = lambda c: c['cell_type'] == 'code'
+    out, skip = [], False
+    for i, c in enumerate(cells):
+        if skip: skip = False; continue
+        nxt = cells[i+1] if i + 1 < len(cells) else None
+        if nxt and code(c) and code(nxt) and (_bare(''.join(c['source'])), _bare(''.join(nxt['source']))) in switches:
+            out.append(_switch(c, nxt, i)); skip = True
+        else: out.append(_cell(c))
+    return ''.join(out)
+
+
 def _cell(c):
     if c['cell_type'] == 'markdown': return _markdown(''.join(c['source']))
     if c['cell_type'] != 'code': return ''
@@ -210,10 +290,20 @@ def _links(body, page, nb_src, by_src, cfg):
     return re.sub(r'\b(href|src)="([^"]*)"', fix, body)
 
 
+def nav_order(out, notebook):
+    """Where page `out` (its path in the site) from `notebook` (its file name) goes in the sidebar: the home page, the
+    tutorials in learning order, then the modules in the order of their notebooks (00_core, 01_smooth, ...)."""
+    p = Path(out)
+    if out == 'index.html': return (0, 0, '')
+    if p.parts[0] == 'tutorials':
+        return (1, TUTORIAL_ORDER.index(p.stem) if p.stem in TUTORIAL_ORDER else len(TUTORIAL_ORDER), p.stem)
+    return (2, 0, notebook)
+
+
 def _nav(pages, here):
     "The sidebar: home, tutorials, modules, each link relative to `here`."
     groups = {'': [], 'Tutorials': [], 'Reference': []}
-    for out, title, _ in sorted(pages.values()):
+    for out, title, _ in (v for nb, v in sorted(pages.items(), key=lambda kv: nav_order(kv[1][0], Path(kv[0]).name))):
         g = '' if out == 'index.html' else 'Tutorials' if out.startswith('tutorials/') else 'Reference'
         groups[g].append((out, title))
     items = []
@@ -238,7 +328,8 @@ def build(out=ROOT/'_site', proc=None, n_workers=2):
     bodies = {}
     for nb, (page, title, desc) in pages.items():
         cells = json.loads(nb.read_text())['cells']
-        bodies[nb] = _ids(''.join(_cell(c) for c in cells if not (c['cell_type'] == 'raw' or '<!-- WARNING' in ''.join(c['source']))))
+        switches = switch_sources(json.loads(src_of[nb].read_text())['cells']) if src_of[nb].exists() else []
+        bodies[nb] = _ids(_cells([c for c in cells if not (c['cell_type'] == 'raw' or '<!-- WARNING' in ''.join(c['source']))], switches))
     ids = {pages[nb][0]: set(re.findall(r'\bid="([^"]+)"', b)) for nb, b in bodies.items()}
     written = []
     for nb, (page, title, desc) in pages.items():
@@ -259,6 +350,10 @@ def main(argv=None):
         pairs = json.loads(sys.stdin.read())
         with contextlib.redirect_stdout(io.StringIO()): errors = _worker(pairs)
         print(json.dumps(errors)); return 0
+    if (missing := missing_requirements()):
+        print(f"tools/site.py renders the docs with nbdev and needs the dev extras: pip install -e \".[dev]\" "
+              f"(missing: {', '.join(missing)})", file=sys.stderr)
+        return 2
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--out', default=str(ROOT/'_site'), help='folder to write the site to (default: _site, git-ignored)')
     p.add_argument('--proc', default=None, help='use notebooks nbdev has already processed in this folder (default: process them now)')
