@@ -5,7 +5,8 @@
 
 Both models (bench/models/far_quick_seed42/{nat,aat}.pth, the quick FAR table's) are attacked on the same images: the
 first `n` Fashion-MNIST test images both classify correctly. Per model, interleaved: the protocol's IFIA alone
-(`evaluate`, no AA), then `audit.EnsembleAttack` (its four members × ENSEMBLE_RESTARTS runs, and the noise baseline).
+(`evaluate`, no AA), then `audit.EnsembleAttack` (its four kinds of member at the protocol's β and at each of
+ENSEMBLE_BETAS, ENSEMBLE_RESTARTS runs each, and the noise baseline).
 The protocol is the quick Fashion-MNIST one with smaller sizes so that the whole run fits in ~20 min (stated in the
 results): IFIA steps, IG points of the measured and the attacked maps. Every member shares them. Writes
 bench/results/audit_ensemble.{md,json}: IN and CO of each attack, of the ensemble and of the noise baseline with
@@ -18,7 +19,7 @@ import torch
 from robust_attr.data import get_arrays
 from robust_attr.models import load_model
 from robust_attr.evaluate import evaluate, get_protocol, protocol_attacks, correct_by_all, bootstrap_ci, format_interval
-from robust_attr.audit import EnsembleAttack, audit_attacks, ensemble_table, format_table, ENSEMBLE_RESTARTS, NOISE_DRAWS
+from robust_attr.audit import EnsembleAttack, audit_attacks, ensemble_table, format_table, ENSEMBLE, ENSEMBLE_BETAS, ENSEMBLE_RESTARTS, NOISE_DRAWS
 from _env import env_info, load, write, set_threads
 
 MODELS = dict(Nat='bench/models/far_quick_seed42/nat.pth', AAT='bench/models/far_quick_seed42/aat.pth')
@@ -50,7 +51,8 @@ def markdown(out):
           "models classify correctly, the same for every attack.", '',
           f"Protocol: `fashion_mnist`, quick variant with smaller sizes: ε = {p['eps']:g} (L∞), IFIA {p['ifia_steps']} steps × {p['ifia_step_size']:g}, "
           f"attacked top-{p['attack_k']}, IN's k = {p['k']}, IG {p['ig_steps']} points (measured map) / {p['attack_ig_steps']} (attacked map, softplus β = {p['beta']:g}). "
-          f"Ensemble: every member has these budgets, {ENSEMBLE_RESTARTS} runs each (the first from the clean image, then a random start); "
+          f"Ensemble: kinds {', '.join(ENSEMBLE)}, each at the protocol's β = {p['beta']:g} and at β = {', '.join(f'{b:g}' for b in ENSEMBLE_BETAS)} "
+          f"(members `kind_betaB`), every member with these budgets, {ENSEMBLE_RESTARTS} run(s) each (the first from the clean image, any others from a random start); "
           f"`halving` starts at step 2ε and halves on stall (APGD's rule). Noise baseline: the worst of {NOISE_DRAWS} uniform points of the same ε-ball "
           "(label kept), as a Max-Sensitivity-style random measure reports.", '',
           'IN/CO: mean [95% bootstrap interval]; LENS-recall (3×3 window) and LENS-τ: the locality-aware measures of `robust_attr.lens`. *never moved*: images the attack left at the clean input (IN = CO = 1). '

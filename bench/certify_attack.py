@@ -4,13 +4,13 @@
     python bench/certify_attack.py --kp 10 15 # only these certified overlaps
 
 The small digits classifier of the audit notebook (`audit.digits_probe`), the first 8 of every 37th validation digit. The
-certificate: N = 2000 draws, σ = 0.25, τ = 3 %, k = 20, 99 % confidence. For each k′ the ensemble (all members, 8 steps
-of R/4, 2 runs each) attacks every image inside the ℓ2 ball of its radius R(k′), climbing `certify.abs_smoothgrad`; the
+certificate: N = 2000 draws, σ = 0.25, τ = 3 %, k = 20, 99 % confidence. For each k′ the ensemble (all members: every kind
+at every surrogate β, 8 steps of R/4) attacks every image inside the ℓ2 ball of its radius R(k′), climbing `certify.abs_smoothgrad`; the
 attacked map is measured with Sparsified SmoothGrad (1000 fresh draws). Writes bench/results/certify_attack.{md,json}:
 per k′ the certified overlap, the measured overlap (mean and minimum), violations (measured < certified) and the margin.
 """
 import argparse, time, torch
-from robust_attr.audit import digits_probe
+from robust_attr.audit import digits_probe, ENSEMBLE, ENSEMBLE_BETAS, ENSEMBLE_RESTARTS
 from robust_attr.data import get_arrays
 from robust_attr.certify import sparsified_counts, certify, certified_attack
 from _env import env_info, load, write, set_threads
@@ -41,7 +41,8 @@ def main(argv=None):
     L = ['# The ensemble attack inside Sparsified SmoothGrad\'s certified radius (digits)', '',
          f"Command: `{out['env']['command']}`; load average {load_start} at the start, {out['load_end']} at the end; {out['minutes']:.1f} min.", '',
          f"Certificate: N = {N} draws, σ = {sigma}, τ = {tau:.0%}, top-{k}, 99 % confidence (Clopper–Pearson, Bonferroni over the 784 pixels). "
-         "Attack: `audit.EnsembleAttack` (all four members, 2 runs each, 8 steps of R/4) inside the ℓ2 ball of each image's R(k′), climbing "
+         f"Attack: `audit.EnsembleAttack` ({', '.join(ENSEMBLE)}, each at softplus β = 1 and {', '.join(f'{b:g}' for b in ENSEMBLE_BETAS)}, "
+         f"{ENSEMBLE_RESTARTS} run(s) each, 8 steps of R/4) inside the ℓ2 ball of each image's R(k′), climbing "
          "|∇| averaged over 16 Gaussian copies; measured with Sparsified SmoothGrad from 1000 fresh draws.", '',
          '| k′ (certified overlap) | mean radius R(k′) | images with R > 0 | measured overlap: mean | min | violations | smallest margin (measured − certified) |',
          '|---|---|---|---|---|---|---|']

@@ -58,6 +58,7 @@ def map_robustness(model:nn.Module, # the classifier
                    protocol='fashion_mnist', # protocol preset or `Protocol`
                    maps=ART_MAPS, # attribution names of `attribution.ATTRIBUTIONS`
                    attacks=('ifia',), # ensemble members to run on each map (`('ifia',)` with one run: the protocol's attack)
+                   betas=(), # surrogate β the members also climb (`audit.ENSEMBLE_BETAS`; none: the protocol's attack as it is)
                    restarts:int=1, # runs per member
                    n:int|None=100, # the first n correctly classified images
                    bs:int=128, seed:int=0): # batch size, seed
@@ -70,7 +71,7 @@ def map_robustness(model:nn.Module, # the classifier
     for m in maps:
         fn = _SeededMap(m, seed)
         member = like(ifia, spec=ifia.spec.replace(attribution=fn), measure_spec=ifia.measure_spec.replace(attribution=fn))
-        ens = EnsembleAttack(member, attacks=attacks, k=p.k, restarts=restarts, noise_draws=0, seed=seed)
+        ens = EnsembleAttack(member, attacks=attacks, k=p.k, betas=betas, restarts=restarts, noise_draws=0, seed=seed)
         out[m] = ensemble_table(audit_attacks(model, x, y, ens, n=n, sample=p.sample, bs=bs))
     return out
 

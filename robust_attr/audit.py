@@ -10,20 +10,24 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 from .core import *
+from .smooth import check_beta
 from .attacks import (IFIA, TargetedAttributionAttack, AttackRecord, unwrap_model, inner_precision,
                                  _Active, _record, _leave_flat_points, _logits)
 from .metrics import topk_intersection, kendall_tau
 from .lens import lens_metrics, LENS_WINDOW
-from .evaluate import Protocol, get_protocol, protocol_attacks, evaluation_sample, bootstrap_ci, format_interval
+from .evaluate import (Protocol, get_protocol, protocol_attacks, evaluation_sample, constant_map, warn_constant_maps,
+                                  bootstrap_ci, format_interval)
 
 # %% auto #0
-__all__ = ['ENSEMBLE', 'ENSEMBLE_RESTARTS', 'NOISE_DRAWS', 'APGD_MOMENTUM', 'APGD_RHO', 'METRICS', 'like', 'TargetedMember',
-           'other_class_index', 'apgd_checkpoints', 'HalvingIFIA', 'digits_probe', 'map_metrics', 'EnsembleRecord',
-           'ensemble_members', 'EnsembleAttack', 'audit_attacks', 'ensemble_table', 'format_table']
+__all__ = ['ENSEMBLE', 'ENSEMBLE_BETAS', 'ENSEMBLE_RESTARTS', 'NOISE_DRAWS', 'APGD_MOMENTUM', 'APGD_RHO', 'METRICS', 'like',
+           'TargetedMember', 'other_class_index', 'apgd_checkpoints', 'HalvingIFIA', 'digits_probe', 'map_metrics',
+           'EnsembleRecord', 'member_name', 'ensemble_members', 'EnsembleAttack', 'target_maps', 'audit_attacks',
+           'ensemble_table', 'format_table']
 
 # %% ../nbs/13_audit.ipynb #d57340de
-ENSEMBLE = ('ifia', 'mass_center', 'targeted', 'halving')  # the members, in the order they run
-ENSEMBLE_RESTARTS = 2  # runs per member: the first from the clean input, the others from random points of the ball
+ENSEMBLE = ('ifia', 'mass_center', 'targeted', 'halving')  # the kinds of member, in the order they run
+ENSEMBLE_BETAS = (10., 100.)  # surrogate β every kind also climbs, besides the protocol's (see "The surrogate's β" below)
+ENSEMBLE_RESTARTS = 1  # runs per member: the first from the clean input, any others from random points of the ball
 NOISE_DRAWS = 20  # uniform random points of the ball per image for the noise baseline
 APGD_MOMENTUM = 0.75  # APGD's α: weight of the new step against the previous move
 APGD_RHO = 0.75  # APGD's ρ: halve the step when fewer than this share of steps since the last checkpoint improved
@@ -136,45 +140,42 @@ def digits_probe(steps:int=60, # Adam steps on batches of 128 training digits
 def map_metrics(clean:Tensor, adv:Tensor, # clean and attacked per-pixel maps
                 k:int, # IN's k
                 window:int=LENS_WINDOW): # LENS window
-    "Every measure of `METRICS` between the clean and the attacked maps, `{name: (B,)}`."
-    return dict(IN=topk_intersection(clean, adv, k).float(), CO=kendall_tau(clean, adv).float(),
-                **{n: v.float() for n,v in lens_metrics(clean, adv, k, window).items()})
+    "Every measure of `METRICS` between the clean and the attacked maps, `{name: (B,)}`; NaN where the clean map is constant (as `evaluate` scores it)."
+    out = dict(IN=topk_intersection(clean, adv, k).float(), CO=kendall_tau(clean, adv).float(),
+               **{n: v.float() for n,v in lens_metrics(clean, adv, k, window).items()})
+    undefined = constant_map(clean)  # no ranking to keep: no measure of how it was kept
+    return {n: v.masked_fill(undefined, float('nan')) for n,v in out.items()}
 
 # %% ../nbs/13_audit.ipynb #7a4b8024
 @dataclass
 class EnsembleRecord:
     "Per-image outcome of `EnsembleAttack`: the worst valid iterate's IN and CO, who found it, each member's own, the noise baseline."
     x_adv:Tensor # (B, ...) the worst valid iterate of each image (the clean image where nothing moved it)
-    IN:Tensor # (B,) the lowest top-k intersection with the clean map any member's valid iterate reached
-    CO:Tensor # (B,) the lowest Kendall τ to the clean map any member's valid iterate reached (that of `x_adv`)
-    found_by:list # per image, the member that reached the lowest CO ('none' where no member moved the image)
+    IN:Tensor # (B,) the lowest top-k intersection with the clean map any member's valid iterate reached (NaN: constant clean map)
+    CO:Tensor # (B,) the lowest Kendall τ to the clean map any member's valid iterate reached (that of `x_adv`; NaN: constant clean map)
+    found_by:list # per image, the member that reached the lowest CO ('none' where no member moved the image or its map is constant)
     found_by_IN:list # per image, the member that reached the lowest IN
     lens:dict # {LENS measure: (B,)} the lowest any member reached (`lens.lens_metrics`)
     members:dict # {member: {measure of `METRICS`, 'moved', 'steps': (B,)}}
     noise:dict # {measure of `METRICS`: (B,)} of the random draw with the lowest CO
-    skipped:dict=field(default_factory=dict) # {member: why it could not run}
+    skipped:dict=field(default_factory=dict) # always empty: a member that cannot run is an error before the work (kept for readers of `skipped`)
     seconds:dict=field(default_factory=dict) # {member or 'noise': wall time}
 
     @property
     def moved(self): return torch.tensor([f != 'none' for f in self.found_by])
+    @property
+    def constant(self): return torch.isnan(self.CO)  # images whose clean map is constant: IN and CO undefined, counted
     def __len__(self): return len(self.IN)
 
     @classmethod
     def cat(cls, records:list):
-        "One record for the batches of `records`, in order (skips and times merged)."
+        "One record for the batches of `records`, in order (times summed)."
         r0, cat = records[0], lambda get: torch.cat([get(r) for r in records])
-        names = sorted(dict.fromkeys(n for r in records for n in r.members), key=lambda n: ENSEMBLE.index(n) if n in ENSEMBLE else len(ENSEMBLE))
-        def member(n, k): return cat(lambda r: r.members[n][k] if n in r.members else _missing(r, k))
         return cls(cat(lambda r: r.x_adv), cat(lambda r: r.IN), cat(lambda r: r.CO), sum((r.found_by for r in records), []),
                    sum((r.found_by_IN for r in records), []), {k: cat(lambda r: r.lens[k]) for k in r0.lens},
-                   {n: {k: member(n, k) for k in METRICS + ('moved', 'steps')} for n in names},
-                   {k: cat(lambda r: r.noise[k]) for k in r0.noise},
-                   {n: why for r in records for n,why in r.skipped.items()},
+                   {n: {k: cat(lambda r: r.members[n][k]) for k in r0.members[n]} for n in r0.members},
+                   {k: cat(lambda r: r.noise[k]) for k in r0.noise}, {},
                    {n: sum(r.seconds.get(n, 0.) for r in records) for n in dict.fromkeys(n for r in records for n in r.seconds)})
-
-def _missing(r:EnsembleRecord, k:str):
-    "A member's values on a batch it skipped: NaN maps, not moved, no steps."
-    return torch.full((len(r),), float('nan'), device=r.IN.device) if k in METRICS else torch.zeros(len(r), dtype=torch.bool if k=='moved' else torch.long, device=r.IN.device)
 
 # %% ../nbs/13_audit.ipynb #cfc142d8
 def _template(attack, k):
@@ -184,9 +185,15 @@ def _template(attack, k):
     if not isinstance(attack, IFIA): raise TypeError(f"`attack` must be an IFIA, a Protocol or a preset name, got {type(attack).__name__}")
     return attack, (attack.k if k is None else k)
 
+def member_name(kind:str, # a kind of `ENSEMBLE`
+                beta:float|None=None): # the member's surrogate β (None: the protocol's)
+    "The member's name: the kind at the protocol's β, `kind_beta<β>` at another."
+    return kind if beta is None else f'{kind}_beta{beta:g}'
+
 def ensemble_members(attack:IFIA, # the protocol's IFIA: every member is a copy of it
-                     names=ENSEMBLE): # members, a subset of `ENSEMBLE`
-    "The ensemble's members `{name: attack}`, each the protocol's IFIA with one thing changed (one run each: the ensemble restarts them)."
+                     names=ENSEMBLE, # kinds of member, a subset of `ENSEMBLE`
+                     betas=ENSEMBLE_BETAS): # surrogate β each kind also climbs (none where the climbed map has no surrogate)
+    "The ensemble's members `{name: attack}`: each kind at the protocol's β and at each of `betas`, a copy of the protocol's IFIA with those things changed."
     import inspect
     gamma = inspect.signature(TargetedAttributionAttack).parameters['gamma'].default
     make = dict(ifia=lambda: like(attack, restarts=1),
@@ -194,14 +201,20 @@ def ensemble_members(attack:IFIA, # the protocol's IFIA: every member is a copy 
                 targeted=lambda: like(attack, TargetedMember, objective='targeted_mse', gamma=gamma, restarts=1),
                 halving=lambda: like(attack, HalvingIFIA, restarts=1))
     if isinstance(names, str): names = (names,)
-    return {check_choice(n, ENSEMBLE, 'attacks'): make[n]() for n in names}
+    betas = [b for b in dict.fromkeys(map(check_beta, betas)) if b != attack.spec.beta] if attack.spec.smooth else []
+    out = {}
+    for n in names:
+        a = out[n] = make[check_choice(n, ENSEMBLE, 'attacks')]()
+        out |= {member_name(n, b): like(a, spec=a.spec.replace(beta=b)) for b in betas}
+    return out
 
 # %% ../nbs/13_audit.ipynb #82ece37d
 class EnsembleAttack:
     "Worst case over diverse attacks on the map, at fixed budgets: per image the valid iterate with the lowest Kendall τ, and who found it."
     def __init__(self, attack:IFIA|Protocol|str='fashion_mnist', # the protocol's IFIA, or a `Protocol` / preset name to take it from
-                 attacks=ENSEMBLE, # member names (a subset of `ENSEMBLE`), or `{name: attack}` of own members
+                 attacks=ENSEMBLE, # kinds of member (a subset of `ENSEMBLE`), or `{name: attack}` of own members
                  k:int|None=None, # IN's k (default: the protocol's, else the attack's)
+                 betas=ENSEMBLE_BETAS, # surrogate β every kind also climbs besides the protocol's (ignored for own members)
                  restarts:int=ENSEMBLE_RESTARTS, # runs per member: the first as the member starts (IFIA: the clean input), then random starts
                  noise_draws:int=NOISE_DRAWS, # random points per image for the noise baseline (0: none)
                  seed:int|None=0): # seed of the random starts and the noise
@@ -216,19 +229,30 @@ class EnsembleAttack:
             bad = [n for n,a in attacks.items() if not isinstance(a, IFIA)]
             if bad: raise TypeError(f"`attacks` must map names to IFIA-like attacks; not: {bad}")
             self.members = dict(attacks)
-        else: self.members = ensemble_members(self.attack, attacks)
+        else: self.members = ensemble_members(self.attack, attacks, betas)
         if not self.members: raise ValueError("`attacks` must name at least one member")
 
     @property
     def threat(self): return self.attack.threat
+    @property
+    def betas(self): return sorted({a.spec.beta for a in self.members.values() if a.spec.smooth})  # the surrogate β the members climb
+    @property
+    def targeted(self): return any(isinstance(a, TargetedAttributionAttack) for a in self.members.values())
 
-    def _context(self, name, clean, y, target_map=None):
-        "Per-call inputs of member `name`: the clean maps, and another class's map for the targeted member (the caller's, if given)."
-        if not isinstance(self.members[name], TargetedAttributionAttack): return dict(clean_map=clean)
-        if target_map is not None: return dict(clean_map=clean, target_map=target_map)
+    def _targets(self, clean:Tensor, y:Tensor, target_map=None):
+        "The targeted members' target maps: the caller's, else each image's next image of another class; None without such a member."
+        if not self.targeted: return None
+        if target_map is not None:
+            check_same_shape(target_map, clean, ('target_map', 'clean maps'))
+            return target_map.detach().to(clean.device)
         j = other_class_index(y)
-        if (j < 0).any(): raise ValueError("the targeted member needs images of at least two classes in the batch (or `target_map`)")
-        return dict(clean_map=clean, target_map=clean[j])
+        if (j < 0).any(): raise ValueError("the targeted member needs another class's map for every image, and this batch has one class: "
+                                           "pass `target_map` (as `audit_attacks` does) or leave 'targeted' out of `attacks`")
+        return clean[j]
+
+    def _context(self, a, clean, target):
+        "Per-call inputs of member `a`: the clean maps, and the target maps for a targeted member."
+        return dict(clean_map=clean) | (dict(target_map=target) if isinstance(a, TargetedAttributionAttack) else {})
 
     def _probe(self, a, model, x, y, ctx:dict):
         "One ascent gradient of member `a` on the first image: raises (or warns) what the member's run would."
@@ -238,19 +262,22 @@ class EnsembleAttack:
         torch.autograd.grad((out[0] if isinstance(out, tuple) else out).sum(), xg)
 
     def check_members(self, model:nn.Module, # the classifier
-                      x:Tensor, y:Tensor, # the batch and its labels
-                      clean:Tensor, # the clean measured maps of `x`
-                      target_map:Tensor|None=None): # the targeted member's target maps, if the caller gives them
-        "`{name: reason}` for every member that cannot take a step on this model (an error, or a warning of the library)."
-        skipped = {}
+                      x:Tensor, y:Tensor, # a batch and its labels (the first image is tried)
+                      clean:Tensor|None=None, # the clean measured maps of `x` (default: measured here)
+                      target:Tensor|None=None): # the targeted member's target maps (default: the clean maps, enough for a trial step)
+        "Try one step of every member on the first image; a `ValueError` naming every member that cannot step (an error, or a warning of the library)."
+        clean = self.attack.measure_map(model, x[:1], y[:1]) if clean is None else clean
+        target, failed = clean if target is None else target, {}
         for name, a in self.members.items():
             with warnings.catch_warnings(record=True) as w, eval_mode(model, requires_grad=False), torch.enable_grad():
                 warnings.simplefilter('always')
-                try: self._probe(a, model, x, y, self._context(name, clean, y, target_map))
-                except (ValueError, TypeError, RuntimeError, NotImplementedError) as e: skipped[name] = f'{type(e).__name__}: {e}'
+                try: self._probe(a, model, x, y, self._context(a, clean, target))
+                except (ValueError, TypeError, RuntimeError, NotImplementedError) as e: failed[name] = f'{type(e).__name__}: {e}'
             w = [m for m in w if issubclass(m.category, UserWarning)]
-            if name not in skipped and w: skipped[name] = f'{w[0].category.__name__}: {w[0].message}'
-        return skipped
+            if name not in failed and w: failed[name] = f'{w[0].category.__name__}: {w[0].message}'
+        if failed:
+            why = '; '.join(f"{n!r} ({str(r).splitlines()[0]})" for n,r in failed.items())
+            raise ValueError(f"ensemble members cannot run on this model: {why}. Leave them out of `attacks`, or give members that can")
 
     def noise(self, model:nn.Module, x:Tensor, y:Tensor, clean:Tensor, gen=None):
         "The noise baseline: every measure for the random point of the ball (of `noise_draws`, prediction kept) with the lowest τ."
@@ -266,90 +293,114 @@ class EnsembleAttack:
             worst[ok[low]], co[ok[low]] = m[low], c[low]
         return map_metrics(clean, worst, self.k)
 
+    def _runs(self, a:IFIA):
+        "The member's `restarts` runs: the first as it starts (IFIA: the clean input), then random starts, each seeded."
+        return [like(a, restarts=1, random_start=a.random_start or r > 0, seed=None if self.seed is None else self.seed + r) for r in range(self.restarts)]
+
     def __call__(self, model:nn.Module, # the classifier
                  x:Tensor, # clean batch in the data box
                  y, # labels: an int or a `(B,)` tensor (the images should be classified correctly)
-                 target_map:Tensor|None=None): # the targeted member's target maps (default: the next image of another class in the batch)
+                 target_map:Tensor|None=None, # the targeted member's target maps (default: the next image of another class in the batch)
+                 clean_map:Tensor|None=None): # the clean measured maps of `x`, if the caller has them
         "Run every member on the batch; the `EnsembleRecord` holds the worst valid iterates and every number."
         x = check_images(x, box=self.attack.box).detach()
         model = unwrap_model(model)
         y = check_targets(y, len(x), check_model(model, x), device=x.device, name='y')
-        clean = self.attack.measure_map(model, x, y)
-        skipped = self.check_members(model, x, y, clean, target_map)
-        for name, why in skipped.items():
-            warnings.warn(f"ensemble member {name!r} cannot run on this model and is skipped: {why}", UserWarning, stacklevel=2)
-        if len(skipped) == len(self.members): raise ValueError(f"no ensemble member can run on this model: {skipped}")
-        runs, members, seconds = [], {}, {}
+        clean = self.attack.measure_map(model, x, y) if clean_map is None else self.attack._check_clean_map(clean_map, x)
+        target = self._targets(clean, y, target_map)
+        self.check_members(model, x, y, clean, target)
+        runs, members, seconds, constant = [], {}, {}, constant_map(clean)
         for name, a in self.members.items():
-            if name in skipped: continue
             start, mine = time.time(), []
-            for r in range(self.restarts):
-                run = like(a, restarts=1, random_start=a.random_start or r > 0, seed=None if self.seed is None else self.seed + r)
-                xa, rec = run(model, x, y, return_record=True, **self._context(name, clean, y, target_map))
+            for run in self._runs(a):
+                xa, rec = run(model, x, y, return_record=True, **self._context(a, clean, target))
                 mine.append((name, xa, dict(**map_metrics(clean, a.measure_map(model, xa, y), self.k), moved=rec.moved, steps=rec.steps)))
-            members[name] = _lowest(x, mine)[2] | dict(steps=sum(m[2]['steps'] for m in mine))
+            members[name] = _lowest(x, mine, constant)[2] | dict(steps=sum(m[2]['steps'] for m in mine))
             runs, seconds[name] = runs + mine, time.time() - start
         start, gen = time.time(), self.attack._generator(x.device)
         noise = self.noise(model, x, y, clean, gen)
         seconds['noise'] = time.time() - start
-        x_adv, found, low = _lowest(x, runs)
+        x_adv, found, low = _lowest(x, runs, constant)
         return EnsembleRecord(x_adv, low['IN'], low['CO'], found['CO'], found['IN'], {k: low[k] for k in METRICS if k.startswith('LENS')},
-                              members, noise, skipped, seconds)
+                              members, noise, {}, seconds)
 
 
-def _lowest(x:Tensor, runs:list):
-    "Over the runs `[(member, x_adv, {measure: (B,), 'moved': (B,)})]`: the lowest-CO iterates, who reached each lowest, every lowest value."
+def _lowest(x:Tensor, runs:list, constant:Tensor):
+    "Over the runs `[(member, x_adv, {measure: (B,), 'moved': (B,)})]`: the lowest-CO iterates, who reached each lowest, every lowest value (NaN where `constant`)."
     moved = torch.stack([m['moved'] for _,_,m in runs])
-    hit, one = moved.any(0), torch.ones(len(x), device=x.device)
+    hit, one = moved.any(0) & ~constant, torch.ones(len(x), device=x.device)
     low, found = dict(moved=hit), {}
-    for k in METRICS:  # over the runs that moved the image; 1 (the clean image's value) where none did
+    for k in METRICS:  # over the runs that moved the image; 1 (the clean image's value) where none did, NaN where the clean map is constant
         v, j = torch.stack([m[k] for _,_,m in runs]).where(moved, torch.full_like(one, float('inf'))).min(0)
-        low[k], found[k] = v.where(hit, one), [runs[i][0] if h else 'none' for i,h in zip(j.tolist(), hit.tolist())]
+        low[k], found[k] = v.where(hit, one).masked_fill(constant, float('nan')), [runs[i][0] if h else 'none' for i,h in zip(j.tolist(), hit.tolist())]
         if k == 'CO': best = torch.stack([xa for _,xa,_ in runs])[j, torch.arange(len(x))]
     return torch.where(as_batch(hit, x).bool(), best, x), found, low
 
 # %% ../nbs/13_audit.ipynb #4c530af6
+def _two_classes(y:Tensor):
+    "Raise unless `y` has two classes or more: the targeted members' target maps come from another class."
+    if (y == y[0]).all(): raise ValueError("the targeted member needs images of two classes or more, and every label of `y` is the same: "
+                                           "leave 'targeted' out of `attacks`")
+
+def target_maps(ensemble:EnsembleAttack, # the ensemble (its measured map)
+                model:nn.Module, x:Tensor, y:Tensor, # the classifier and the evaluation set
+                idx:Tensor, # the selected images
+                clean:Tensor): # their clean measured maps
+    "For each selected image another class's clean map: the next selected image of another class, or (a sample of one class) the set's first image of another class."
+    j = other_class_index(y[idx])
+    if (j >= 0).all(): return clean[j]
+    _two_classes(y)
+    other = (y != y[idx[0]]).nonzero()[:1, 0]
+    return ensemble.attack.measure_map(model, x[other], y[other]).expand_as(clean)
+
 def audit_attacks(model:nn.Module, # the classifier
                   x:Tensor, y:Tensor, # the evaluation set
                   ensemble:EnsembleAttack, # the ensemble
                   n:int|None=100, # the first n correctly classified images (None: all)
                   sample:str='balanced', # how they are picked (`evaluate.SAMPLES`): the classes in turn, or 'first' in the set's order
                   bs:int=128): # images per batch
-    "Run `ensemble` on the first `n` correctly classified images under the rule `sample`: `dict(record, idx, tried, seconds)`."
+    "Run `ensemble` on the first `n` correctly classified images under the rule `sample`: `dict(record, idx, tried, constant_maps, seconds)`."
     start, model = time.time(), unwrap_model(model)
     bs = check_number(bs, 'bs', min=1, integer=True)
     if n is not None: check_number(n, 'n', min=1, integer=True)
     y = check_targets(y, len(check_images(x)), check_model(model, x), device=x.device, name='y')
+    if ensemble.targeted: _two_classes(y)
     idx, tried = evaluation_sample(model, x, y, n, sample, bs)
     if not len(idx): raise ValueError(f"the model classifies none of the {tried} images correctly: there is no map to attack")
-    rec = EnsembleRecord.cat([ensemble(model, x[idx[i:i+bs]], y[idx[i:i+bs]]) for i in range(0, len(idx), bs)])
-    return dict(record=rec, idx=idx, tried=tried, seconds=time.time() - start)
+    ensemble.check_members(model, x[idx[:1]], y[idx[:1]])  # a member that cannot run fails here, before the work
+    parts = [slice(i, i+bs) for i in range(0, len(idx), bs)]
+    clean = torch.cat([ensemble.attack.measure_map(model, x[idx[s]], y[idx[s]]) for s in parts])
+    target = target_maps(ensemble, model, x, y, idx, clean) if ensemble.targeted else None
+    rec = EnsembleRecord.cat([ensemble(model, x[idx[s]], y[idx[s]], clean_map=clean[s], target_map=None if target is None else target[s])
+                              for s in parts])
+    res = dict(record=rec, idx=idx, tried=tried, constant_maps=int(rec.constant.sum()), seconds=time.time() - start)
+    warn_constant_maps(res | dict(n=len(idx)))
+    return res
 
 # %% ../nbs/13_audit.ipynb #c5b90e77
-def _row(values:dict, moved=None, found=None, skipped=0, seconds=None):
-    "One row of `ensemble_table`: the mean and bootstrap interval of each measure, over the images the attack ran on."
-    ok = ~torch.isnan(values['IN'])
+def _row(values:dict, moved=None, found=None, seconds=None):
+    "One row of `ensemble_table`: the mean and bootstrap interval of each measure over the images whose clean map is not constant."
+    ok = ~torch.isnan(values['CO'])
     row = {}
     for k in METRICS:
         v = values[k][ok].cpu()
-        row.update({k: v.mean().item(), k + '_ci': bootstrap_ci(v)})
-    return row | dict(n=int(ok.sum()), skipped=skipped, never_moved=None if moved is None else int((~moved[ok.to(moved.device)]).sum()),
-                      worst_found=found, seconds=seconds)
+        row.update({k: v.mean().item() if len(v) else float('nan'), k + '_ci': bootstrap_ci(v)})
+    return row | dict(n=len(ok), constant_maps=int((~ok).sum()), skipped=0,
+                      never_moved=None if moved is None else int((~moved[ok.to(moved.device)]).sum()), worst_found=found, seconds=seconds)
 
 def ensemble_table(res:dict): # a result of `audit_attacks`
-    "Rows per member, the ensemble's worst case and the noise baseline: `{row: {measure, measure_ci (of METRICS), n, skipped, never_moved, worst_found, seconds}}`."
+    "Rows per member, the ensemble's worst case and the noise baseline: `{row: {measure, measure_ci (of METRICS), n, constant_maps, skipped, never_moved, worst_found, seconds}}`."
     r = res['record']
-    rows = {n: _row(m, m['moved'].bool(), f'{r.found_by_IN.count(n)} / {r.found_by.count(n)}', int(torch.isnan(m['IN']).sum()), r.seconds.get(n))
-            for n,m in r.members.items()}
-    rows['ensemble'] = _row(dict(IN=r.IN, CO=r.CO, **r.lens), r.moved, None, 0, sum(v for k,v in r.seconds.items() if k != 'noise'))
+    rows = {n: _row(m, m['moved'].bool(), f'{r.found_by_IN.count(n)} / {r.found_by.count(n)}', r.seconds.get(n)) for n,m in r.members.items()}
+    rows['ensemble'] = _row(dict(IN=r.IN, CO=r.CO, **r.lens), r.moved, None, sum(v for k,v in r.seconds.items() if k != 'noise'))
     rows['noise'] = _row(r.noise, seconds=r.seconds.get('noise'))
     return rows
 
 def format_table(rows:dict): # from `ensemble_table`
     "The table as markdown, intervals as `evaluate.format_interval` writes them."
-    out = ['| attack | IN | CO | LENS-recall | LENS-τ | images | skipped | never moved | worst IN / CO found | seconds |', '|---|---|---|---|---|---|---|---|---|---|']
+    out = ['| attack | IN | CO | LENS-recall | LENS-τ | images | constant maps | never moved | worst IN / CO found | seconds |', '|---|---|---|---|---|---|---|---|---|---|']
     for k,v in rows.items():
-        cells = [*(format_interval(v[m], v[m + '_ci']) for m in ('IN', 'CO', 'LENS_recall', 'LENS_kendall')), v['n'], v['skipped'],
+        cells = [*(format_interval(v[m], v[m + '_ci']) for m in ('IN', 'CO', 'LENS_recall', 'LENS_kendall')), v['n'], v['constant_maps'],
                  '—' if v['never_moved'] is None else v['never_moved'], '—' if v['worst_found'] is None else v['worst_found'],
                  '—' if v['seconds'] is None else f"{v['seconds']:.1f}"]
         out.append(f"| {k} | " + ' | '.join(map(str, cells)) + ' |')
