@@ -20,7 +20,8 @@ from fastai.metrics import accuracy
 from fastai.optimizer import Adam
 from .core import *
 from .smooth import SURROGATE_MODES, check_beta
-from .attribution import MapSpec, split_map_options, get_attribution, layer_integrated_gradients
+from .attribution import (MapSpec, split_map_options, get_attribution, layer_integrated_gradients, sample_chunks,
+                                     check_internal_batch_size)
 from .losses import get_dissimilarity, saliency_match_loss
 from .attacks import Attack, PGD, IFIA, AdvIFIA, ARTAttack, unwrap_model, check_precision, inner_precision
 from .models import get_model, load_model
@@ -68,6 +69,18 @@ def _add_grads(total, grads):
     "Sum two lists of gradients, either entry None where it does not depend on that input (`total` None: the first)."
     if total is None: return list(grads)
     return [b if a is None else (a if b is None else a + b) for a, b in zip(total, grads)]
+
+def _chunked_mean(values, # `values(s)` → the per-sample values of the samples in slice `s`, with their graphs
+                  chunks:list, # slices of the samples (`attribution.sample_chunks`)
+                  inputs:list, # what the gradient is taken w.r.t. (parameters; a leaf standing for a tensor with a graph)
+                  outputs:list|None=None): # what each gradient goes to in the loss's backward (default: `inputs`)
+    "The mean of `values` over the samples, built and differentiated one chunk at a time; its gradients ride on the value."
+    n, total, grads = sum(s.stop - s.start for s in chunks), 0., None
+    for s in chunks:
+        part = values(s).sum() / n
+        if inputs and part.requires_grad: grads = _add_grads(grads, torch.autograd.grad(part, inputs, allow_unused=True))
+        total = total + part.detach()
+    return total if grads is None else _Precomputed.apply(total, grads, *(inputs if outputs is None else outputs))
 
 # %% ../nbs/08_train.ipynb #e15155b3
 FAR_OBJECTIVES = ('regularizer', 'robust')
@@ -193,19 +206,15 @@ class FARCallback(_TermRecorder):
         return torch.zeros_like(s_adv) if self._target is None else self._target[s]
 
     def _chunked_term(self):
-        "mean d_s[S(x̃), S^T(x)], built and differentiated one chunk of samples at a time; its gradients ride on the value."
-        n, model = len(self._x_adv), self._module
-        params = [p for p in model.parameters() if p.requires_grad]
+        "mean d_s[S(x̃), S^T(x)], built and differentiated one chunk of samples at a time (`_chunked_mean`)."
+        params = [p for p in self._module.parameters() if p.requires_grad]
         t_pred = self._training_target(self._x_adv) if self._target_from_pred() else None  # over the batch, fastai's graph
         leaf = t_pred.detach().requires_grad_() if (t_pred is not None and t_pred.requires_grad) else None
-        inputs, total, grads = params + ([leaf] if leaf is not None else []), 0., None
-        for s in self._chunks(n):
-            s_adv = self.map_of(model, self._x_adv[s], self._y[s], x_clean=self._x[s])
-            part = self._d(s_adv, self._chunk_target(s, s_adv, t_pred if leaf is None else leaf)).sum() / n
-            if inputs and part.requires_grad: grads = _add_grads(grads, torch.autograd.grad(part, inputs, allow_unused=True))
-            total = total + part.detach()
-        if grads is None: return total
-        return _Precomputed.apply(total, grads, *params, *([t_pred] if leaf is not None else []))
+        def values(s):
+            s_adv = self.map_of(self._module, self._x_adv[s], self._y[s], x_clean=self._x[s])
+            return self._d(s_adv, self._chunk_target(s, s_adv, t_pred if leaf is None else leaf))
+        if leaf is None: return _chunked_mean(values, self._chunks(len(self._x_adv)), params)
+        return _chunked_mean(values, self._chunks(len(self._x_adv)), params + [leaf], params + [t_pred])
 
     def after_loss(self):
         if not self.training: return
@@ -368,8 +377,10 @@ class SaliencyMatchCallback(_TermRecorder):
     order = FARCallback.order - 1
     def __init__(self, teacher:nn.Module, # the teacher, e.g. an adversarially trained model
                  lam:float=1.0, # λ, the weight of L_diff
-                 attribution='gradient'): # the saliency J (the paper: the input gradient of the true class)
+                 attribution='gradient', # the saliency J (the paper: the input gradient of the true class)
+                 internal_batch_size:int|None=None): # samples whose student saliency is differentiated together (a gradient: one row a sample); None: all
         self.lam = check_number(lam, 'lam', min=0)
+        self.internal_batch_size = check_internal_batch_size(internal_batch_size)
         if not isinstance(teacher, nn.Module): raise TypeError(f"`teacher` must be an nn.Module, got {type(teacher).__name__}")
         self._attr = get_attribution(attribution)
         store_attr('teacher,attribution')
@@ -393,9 +404,11 @@ class SaliencyMatchCallback(_TermRecorder):
         if not self.training: return
         if not self._checked: self._check_teacher(self._x)
         terms = {'ce': self.learn.loss_grad.detach()}
-        j_s = self._attr(unwrap_model(self.learn.model), self._x, self._y, create_graph=True)
         with eval_mode(self.teacher, requires_grad=False): j_t = self._attr(self.teacher, self._x, self._y)
-        l_diff = saliency_match_loss(j_s, j_t).mean()
+        model, chunks = unwrap_model(self.learn.model), sample_chunks(len(self._x), 1, self.internal_batch_size)
+        def values(s): return saliency_match_loss(self._attr(model, self._x[s], self._y[s], create_graph=True), j_t[s])
+        if len(chunks) == 1: l_diff = values(slice(None)).mean()
+        else: l_diff = _chunked_mean(values, chunks, [p for p in model.parameters() if p.requires_grad])
         self.learn.loss_grad = self.learn.loss_grad + self.lam * l_diff
         self.learn.loss = self.learn.loss_grad.detach().clone()
         self._accumulate(**terms, saliency_match=l_diff.detach())
