@@ -182,13 +182,19 @@ class FARCallback(_TermRecorder):
             self._chunked = len(self._chunks(n_adv)) > 1
             needs_target = self.lam and n_adv and not self._target_from_pred()
             self._target = self._batch_target(self._module, self._x, self._y) if needs_target else None
-            if self.attack is None or n_adv==0 or not (self.lam or self.objective=='robust'): self._x_adv = self._x; return  # λ = 0 in eq. 5: x̃ unused
-            ctx = {'target_map': self._target.detach()} if (self._target is not None and self._shares_target()) else {}
-            self._x_adv = self.attack(self._module, self._x, self._y, **ctx).detach()
-        if self.objective=='robust': self.learn.xb = (torch.cat([self._x_adv, x[n_adv:]]),) + tuple(self.xb[1:])
+            self._x_adv = self._attacked(n_adv)
+            early = self._chunked and self.lam and n_adv and not self._target_from_pred()
+            self._reg = self._chunked_term() if early else None  # before fastai's forward: its graph and the chunks' never coexist
+        if self.objective=='robust' and self._x_adv is not self._x: self.learn.xb = (torch.cat([self._x_adv, x[n_adv:]]),) + tuple(self.xb[1:])
+
+    def _attacked(self, n_adv:int):
+        "x̃ for the first `n_adv` samples: the attack's, or x itself (no attack; λ = 0 in eq. 5, where x̃ is unused)."
+        if self.attack is None or n_adv==0 or not (self.lam or self.objective=='robust'): return self._x
+        ctx = {'target_map': self._target.detach()} if (self._target is not None and self._shares_target()) else {}
+        return self.attack(self._module, self._x, self._y, **ctx).detach()
 
     def _term(self):
-        "mean d_s[S(x̃), S^T(x)] over the attacked samples, in one graph."
+        "mean d_s[S(x̃), S^T(x)] over the attacked samples, in one graph (differentiated by fastai's backward)."
         s_adv = self.map_of(self._module, self._x_adv, self._y, x_clean=self._x)
         return self._d(s_adv, self._training_target(s_adv)).mean()
 
@@ -220,13 +226,15 @@ class FARCallback(_TermRecorder):
         if not self.training: return
         terms = {'ce': self.learn.loss_grad.detach()}
         if self.lam and len(self._x_adv):
-            with inner_precision('fp32', self._x.device): reg = self._chunked_term() if self._chunked else self._term()
+            if self._reg is not None: reg = self._reg
+            else:
+                with inner_precision('fp32', self._x.device): reg = self._chunked_term() if self._chunked else self._term()
             self.learn.loss_grad = self.learn.loss_grad + self.lam * reg
             self.learn.loss = self.learn.loss_grad.detach().clone()
             terms[f'{self.term}_reg'] = reg.detach()
         self._accumulate(**terms)
 
-    def after_batch(self): self._x = self._y = self._x_adv = self._target = None
+    def after_batch(self): self._x = self._y = self._x_adv = self._target = self._reg = None
     def after_fit(self):
         self.after_batch(); self._module = None
         super().after_fit()
