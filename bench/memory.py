@@ -2,8 +2,9 @@
 
 Memory: every configuration runs in a fresh subprocess (`--worker memory`): it builds the model (torchvision's ResNet, random weights,
 10 classes, wrapped in `models.ImageClassifier` with ImageNet's normalization) and the batch, warms the kernels up on a tiny input,
-resets the peak counter (on a CPU the kernel's peak resident memory, `/proc/self/clear_refs` "5", so torch's allocations count; on a GPU
-torch's peak allocated memory), runs the measured step once, and reports the peak above the memory at the reset.
+resets the peak counter (on a CPU the kernel's peak resident memory, `/proc/self/clear_refs` "5", so torch's allocations count, after
+`malloc_trim` has returned what the allocator kept from earlier work, so the base is the live memory; on a GPU torch's peak allocated
+memory), runs the measured step once, and reports the peak above the memory at the reset.
 
 Time: one subprocess per part (`--worker time`) runs the step without and with the bound alternately, `--repeats` pairs, each run on a
 fresh copy of the same model and batch, so that a change of load hits both alike; it reports each run's wall and CPU time.
@@ -29,6 +30,13 @@ def _status(key):
         if l.startswith(key + ':'): return int(l.split()[1]) / 1024
     raise KeyError(key)
 
+def _release_free_memory():
+    "Give the memory the allocator keeps but no tensor uses back to the system, so the resident memory at a reset is what lives."
+    import ctypes, gc
+    gc.collect()
+    try: ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError): pass  # not glibc: the base keeps what the allocator holds
+
 class Peak:
     "The peak memory of what runs between `reset()` and `peak()`, MiB: resident memory on a CPU, torch's allocations on a GPU."
     def __init__(self, device): self.device = device
@@ -38,6 +46,7 @@ class Peak:
             torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated() / 2**20
         else:
+            _release_free_memory()
             with open('/proc/self/clear_refs', 'w') as f: f.write('5')
             self.base = _status('VmRSS')
         return self.base
@@ -165,8 +174,8 @@ def markdown(r:dict) -> str:
              "Adam step (validation on one image).", '',
              "*rows held* = samples × IG points whose graphs are held at once, what the bound caps: IG's largest pass; the largest chunk of "
              "maps built to be differentiated again for IFIA and AAT (AAT's training chunk holds two maps a sample). *peak* = the step's peak memory above the process's memory once the model and batch were "
-             "built, MiB (" + ("torch's peak allocated GPU memory" if a['device'] == 'cuda' else "VmHWM after resetting it, so torch's "
-             "allocations count") + "). One run per configuration, each in a fresh process.", '',
+             "built, MiB (" + ("torch's peak allocated GPU memory" if a['device'] == 'cuda' else "VmHWM after releasing the allocator's free "
+             "memory (`malloc_trim`) and resetting it, so torch's allocations count") + "). One run per configuration, each in a fresh process.", '',
              '## Peak memory', '',
              '| part | batch | internal_batch_size | rows held | peak MiB | seconds | load (1 min) | note |', '|---|---|---|---|---|---|---|---|']
     for x in r['memory']:
@@ -200,8 +209,7 @@ def reading(r:dict) -> list:
                    f"20 rows, about {per['aat'] * 20 / 1024:.1f} GiB, whatever the batch (plus the batch's own forward for the loss).")
     out.append("With the bound the peak is the largest chunk's, not the batch's: what still grows with the batch is not a map (the "
                "batch's train-mode forward for the classification loss, which fastai builds after the chunks are freed; IFIA's Kendall "
-               "scoring; the attack's per-sample state). One run per configuration; the allocator's state at the reset moves a peak by "
-               "up to about 80 MiB (compare the ifia rows at batch 2, the same computation with and without the bound).")
+               "scoring, the label checks' forwards; the attack's per-sample state). One run per configuration.")
     from robust_attr.passes import step_passes, step_cost, Passes
     nominal = {n: Passes(1., 2., 2.) for n in ('relu', 'softplus', 'second_order')}  # a backward and a double backward: twice a forward
     cost = lambda steps, chunked: step_cost(step_passes('aat', chunked=chunked, steps=steps, ig_steps=a['points']), nominal)
