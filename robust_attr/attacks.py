@@ -14,13 +14,13 @@ from fastcore.basics import store_attr
 from fastprogress.fastprogress import progress_bar
 from .core import *
 from .smooth import softplus_surrogate
-from .attribution import MapSpec, split_map_options, class_gradients
+from .attribution import MapSpec, split_map_options, class_gradients, sample_chunks, check_internal_batch_size
 from .metrics import kendall_tau, topk_intersection, topk_mask
 from .losses import topk_mass, mass_center_shift, get_dissimilarity, targeted_mse, art_triplet_loss, art_negative_class
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'IFIA_SELECT', 'AttackRecord', 'check_precision', 'inner_precision', 'Attack', 'unwrap_model', 'margin',
-           'PGD', 'IFIA', 'AdvIFIA', 'TargetedAttributionAttack', 'art_loss', 'ARTAttack']
+__all__ = ['PRECISIONS', 'IFIA_SELECT', 'AttackRecord', 'check_precision', 'inner_precision', 'Attack', 'ascent_gradient',
+           'unwrap_model', 'margin', 'PGD', 'IFIA', 'AdvIFIA', 'TargetedAttributionAttack', 'art_loss', 'ARTAttack']
 
 # %% ../nbs/05_attacks.ipynb #ddda5c36
 @dataclass
@@ -80,6 +80,7 @@ class Attack:
     def score(self, model, x_adv, y, ctx, logits=None): return None, None
     def clean_score(self, model, x, y, ctx): return torch.full((len(x),), -float('inf'), device=x.device)
     def finished(self, score, valid, ctx): return None
+    def chunks(self, n:int): return [slice(0, n)]  # samples whose objective is differentiated together (see `ascent_gradient`)
 
     def _generator(self, device):
         "The attack's own generator on `device` (None when unseeded: torch's global generator is used)."
@@ -162,14 +163,25 @@ def _record(attack, best:dict, act:_Active, score, valid):
     return None if done is None else ~done
 
 # %% ../nbs/05_attacks.ipynb #3c1ababc
+def _cat(ts): return ts[0] if len(ts)==1 else torch.cat(ts)
+
+def ascent_gradient(attack, model, # the attack and the model (in the attack's eval mode)
+                    x_adv:Tensor, y:Tensor, ctx:dict): # iterates, labels and the attack's per-sample context
+    "The objective at `x_adv` (fp32, detached), its gradient w.r.t. `x_adv`, and the logits it computed (or None), one chunk of samples at a time."
+    objs, grads, logits = [], [], []
+    for s in attack.chunks(len(x_adv)):
+        xc = x_adv[s].detach().requires_grad_(True)
+        with inner_precision(attack.precision, xc.device): out = attack.ascent_objective(model, xc, y[s], _take(ctx, s))
+        obj, lg = out if isinstance(out, tuple) else (out, None)
+        obj = obj.float()
+        grads.append(torch.autograd.grad(obj.sum(), xc)[0])
+        objs.append(obj.detach()); logits.append(None if lg is None else lg.detach())
+    return _cat(objs), _cat(grads), (None if logits[0] is None else _cat(logits))
+
 def _ascent_direction(attack, model, act:_Active):
     "Gradient of the attack objective w.r.t. the active iterates, and the logits it computed (or None)."
-    x_adv = act.x_adv.detach().requires_grad_(True)
-    with inner_precision(attack.precision, x_adv.device): out = attack.ascent_objective(model, x_adv, act.y, act.ctx)
-    obj, logits = out if isinstance(out, tuple) else (out, None)
-    g, = torch.autograd.grad(obj.float().sum(), x_adv)
-    if logits is None or attack.precision!='fp32': return g, None  # reduced-precision logits are never scored
-    return g, logits.detach()
+    _, g, logits = ascent_gradient(attack, model, act.x_adv, act.y, act.ctx)
+    return g, (logits if attack.precision=='fp32' else None)  # reduced-precision logits are never scored
 
 def _logits(model, x):
     "Model outputs for a batch, checked to be `(B, n_classes)`."
@@ -267,7 +279,7 @@ class IFIA(Attack):
                  spec:MapSpec|None=None, # the climbed map whole (then `attribution`, `attack_ig_steps`, `beta`, `smooth` are its; map options refine it)
                  random_start:bool=False, # Ghorbani et al. start at the clean input
                  restarts:int=1, # runs per sample (later runs start at random points)
-                 internal_batch_size:int|None=None, # rows (samples × IG points) per IG pass; None: all at once
+                 internal_batch_size:int|None=None, # the climbed map's memory bound in rows (samples × IG points): its passes and its outer backward; None: all at once
                  **kwargs): # map options of `MapSpec` (`reduce`, `abs`, `ig_method`, `of`, `baseline`) and `Attack`'s
         map_options, kwargs = split_map_options(kwargs)
         super().__init__(eps, step_size, steps, random_start=random_start, restarts=restarts, **kwargs)
@@ -326,6 +338,7 @@ class IFIA(Attack):
 
     def clean_score(self, model, x, y, ctx): return torch.full((len(x),), -1., device=x.device)
     def finished(self, score, valid, ctx): return ~valid if self.select=='last' else None
+    def chunks(self, n:int): return self.spec.sample_chunks(n)  # the climbed map's spec owns the bound
 
 # %% ../nbs/05_attacks.ipynb #61c042a6
 class AdvIFIA(IFIA):
@@ -407,9 +420,12 @@ class ARTAttack(Attack):
                  beta:float=50., # softplus β (ART: 50)
                  channel_reduce=None, # None or 'mean'
                  random_start:bool=True, # ART starts at x + U[-ε, ε]
+                 internal_batch_size:int|None=None, # samples whose alignment loss is differentiated together (one row each); None: all
                  **kwargs):
         super().__init__(eps, step_size, steps, random_start=random_start, **kwargs)
         self.beta = check_number(beta, 'beta', min=0, strict=True)
         self.channel_reduce = channel_reduce
+        self.internal_batch_size = check_internal_batch_size(internal_batch_size)
 
     def ascent_objective(self, model, x_adv, y, ctx): return art_loss(model, x_adv, y, self.beta, self.channel_reduce)
+    def chunks(self, n:int): return sample_chunks(n, 1, self.internal_batch_size)

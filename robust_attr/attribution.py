@@ -20,7 +20,8 @@ from .smooth import softplus_surrogate, check_beta, SURROGATE_MODES, twice_diffe
 __all__ = ['OUTPUTS', 'QUADRATURES', 'ATTRIBUTIONS', 'MAP_OPTIONS', 'CAPTUM_EQUIVALENTS', 'output_score', 'gradient', 'saliency',
            'input_x_gradient', 'quadrature', 'check_internal_batch_size', 'integrated_gradients',
            'path_integrated_gradients', 'smoothgrad', 'gradient_shap', 'layer_integrated_gradients', 'attribution_map',
-           'get_attribution', 'log_probs', 'class_gradients', 'MapSpec', 'split_map_options', 'captum_attribution']
+           'get_attribution', 'log_probs', 'class_gradients', 'sample_chunks', 'MapSpec', 'split_map_options',
+           'captum_attribution']
 
 # %% ../nbs/02_attribution.ipynb #cb028755
 OUTPUTS = ('logit', 'prob', 'loss')
@@ -340,6 +341,15 @@ def class_gradients(model:nn.Module, x:Tensor, # the classifier and a batch
 
 ATTRIBUTIONS['log_probs'] = log_probs
 
+# %% ../nbs/02_attribution.ipynb #a35621fe
+def sample_chunks(n:int, # samples in the batch
+                  rows_per_sample:int, # rows one sample takes (its maps' points: IG's steps, 1 for a gradient)
+                  internal_batch_size:int|None=None): # the bound in rows; None: all samples together
+    "Slices of consecutive samples, each holding at most `max(internal_batch_size, rows_per_sample)` rows."
+    check_number(rows_per_sample, 'rows_per_sample', min=1, integer=True)
+    size = n if internal_batch_size is None else max(1, check_internal_batch_size(internal_batch_size) // rows_per_sample)
+    return [slice(i, min(i + size, n)) for i in range(0, n, max(size, 1))]
+
 # %% ../nbs/02_attribution.ipynb #aa5559ba
 @dataclass(frozen=True, eq=False)
 class MapSpec:
@@ -353,7 +363,7 @@ class MapSpec:
     abs:bool=True # |S|, per-pixel importance; False keeps signed maps
     smooth:str|None=None # surrogate for second derivatives: None, 'softplus' or FAR's 'second_order'
     beta:float=1.0 # softplus β of the surrogate
-    internal_batch_size:int|None=None # rows per IG pass: bounds memory, never changes the map
+    internal_batch_size:int|None=None # the memory bound, in rows: of each first-order pass, and of the maps differentiated together (`sample_chunks`); never changes a map or a gradient
 
     def __post_init__(self):
         get_attribution(self.attribution)
@@ -369,6 +379,16 @@ class MapSpec:
         "Does the attribution take IG's options (points, quadrature, `of`, baseline)?"
         fn = get_attribution(self.attribution)
         return fn is integrated_gradients or getattr(fn, 'ig_options', False)
+
+    @property
+    def rows_per_sample(self):
+        "Rows (model passes) one sample's map takes: IG's points for IG-like attributions, else 1."
+        return self.ig_steps if self.is_ig else 1
+
+    def sample_chunks(self, n:int, # samples in the batch
+                      maps:int=1): # maps of each sample differentiated together (2: S(x̃) and a differentiated S^T(x))
+        "Slices of the `n` samples whose maps are built with their graphs and differentiated together, within `internal_batch_size` rows."
+        return sample_chunks(n, maps * self.rows_per_sample, self.internal_batch_size)
 
     def _options(self, x_clean):
         if not self.is_ig: return {}

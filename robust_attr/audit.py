@@ -12,7 +12,7 @@ from torch import Tensor
 from .core import *
 from .smooth import check_beta
 from .attacks import (IFIA, TargetedAttributionAttack, AttackRecord, unwrap_model, inner_precision,
-                                 _Active, _record, _leave_flat_points, _logits)
+                                 ascent_gradient, _Active, _record, _leave_flat_points, _logits)
 from .metrics import topk_intersection, kendall_tau
 from .lens import lens_metrics, LENS_WINDOW
 from .evaluate import (Protocol, get_protocol, protocol_attacks, evaluation_sample, constant_map, warn_constant_maps,
@@ -84,11 +84,9 @@ def apgd_checkpoints(steps:int): # steps of the run
 class HalvingIFIA(IFIA):
     "IFIA's objective with APGD's step rule: η starts at 2ε, halves (back to the best point) when the objective stalls."
     def _objective(self, model, x_adv, y, ctx):
-        "The ascent objective (its passes in the attack's precision, the value in fp32), its gradient, and whether the prediction is kept."
-        xg = x_adv.detach().requires_grad_(True)
-        with inner_precision(self.precision, x_adv.device): obj = self.ascent_objective(model, xg, y, ctx).float()
-        g, = torch.autograd.grad(obj.sum(), xg)
-        return obj.detach(), g, _logits(model, x_adv).argmax(1) == ctx['pred']
+        "The ascent objective (its passes in the attack's precision, the value in fp32), its gradient (per chunk of samples), and whether the prediction is kept."
+        obj, g, _ = ascent_gradient(self, model, x_adv, y, ctx)
+        return obj, g, _logits(model, x_adv).argmax(1) == ctx['pred']
 
     def run(self, model, best:dict, act:_Active, scored_start:bool, on_step=None, done:int=0, gen=None):
         "One APGD-style run over the active samples; updates `best` in place; True if `on_step` stopped it."

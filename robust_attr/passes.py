@@ -85,7 +85,8 @@ def _target_passes(s, m, r=1.):
     "The clean map S(x): differentiated in training, or a detached target computed by the attack alone."
     if not s['lam']: return {}, Passes()
     if s['smooth']!='second_order': return {s['smooth']: r*grad_map(m, False)}, r*grad_map(m, not s['detach_target'])
-    return {}, r*grad_map(m, not s['detach_target'])
+    shared = r*grad_map(m, False) if (s['chunked'] and not s['detach_target']) else Passes()  # chunked: the attack's copy, first-order
+    return {}, r*grad_map(m, not s['detach_target']) + shared
 
 def _passes_aat(s, reuse):
     K, m = s['steps'], s['ig_steps']
@@ -114,10 +115,11 @@ _PASSES = dict(natural=_passes_natural, adv=_passes_adv, trades=_passes_trades, 
 
 def step_passes(method:str, # a `METHODS` name, or 'saliency_match' (the teacher paper's add-on term)
                 reuse_endpoint:bool=False, # count IG rows at α=1 as the forward they repeat (see below)
+                chunked:bool=False, # the term and the ascent run per chunk of samples (`internal_batch_size` below the batch's rows)
                 **settings): # the preset's settings (its defaults otherwise), e.g. `steps=7, ig_steps=10`
     "Forward, backward and double-backward passes per training image of one step, by network ('relu' or a surrogate)."
     check_choice(method, tuple(_PASSES), 'method')
-    return _PASSES[method](_preset_settings(method, settings), reuse_endpoint)
+    return _PASSES[method](_preset_settings(method, settings) | {'chunked': chunked}, reuse_endpoint)
 
 def add_passes(*passes:dict): # `step_passes` outputs, e.g. of a method and of 'saliency_match'
     "The passes of callbacks used together, by network."

@@ -20,7 +20,8 @@ from fastai.metrics import accuracy
 from fastai.optimizer import Adam
 from .core import *
 from .smooth import SURROGATE_MODES, check_beta
-from .attribution import MapSpec, split_map_options, get_attribution, layer_integrated_gradients
+from .attribution import (MapSpec, split_map_options, get_attribution, layer_integrated_gradients, sample_chunks,
+                                     check_internal_batch_size)
 from .losses import get_dissimilarity, saliency_match_loss
 from .attacks import Attack, PGD, IFIA, AdvIFIA, ARTAttack, unwrap_model, check_precision, inner_precision
 from .models import get_model, load_model
@@ -53,6 +54,33 @@ class _TermRecorder(Callback):
         if self._columns and hasattr(self.learn, 'recorder'):
             self.learn.recorder.log += [self.epoch_terms.get(c, float('nan')) for c in self._columns]
     def after_fit(self): self._columns = []
+
+# %% ../nbs/08_train.ipynb #f58a0d76
+class _Precomputed(torch.autograd.Function):
+    "`value`, whose gradients w.r.t. `inputs` were computed beforehand: its backward hands them out, times the incoming gradient."
+    @staticmethod
+    def forward(ctx, value, grads, *inputs):
+        ctx.grads = grads
+        return value.detach().clone()
+    @staticmethod
+    def backward(ctx, g): return (None, None, *(None if gr is None else g * gr for gr in ctx.grads))
+
+def _add_grads(total, grads):
+    "Sum two lists of gradients, either entry None where it does not depend on that input (`total` None: the first)."
+    if total is None: return list(grads)
+    return [b if a is None else (a if b is None else a + b) for a, b in zip(total, grads)]
+
+def _chunked_mean(values, # `values(s)` → the per-sample values of the samples in slice `s`, with their graphs
+                  chunks:list, # slices of the samples (`attribution.sample_chunks`)
+                  inputs:list, # what the gradient is taken w.r.t. (parameters; a leaf standing for a tensor with a graph)
+                  outputs:list|None=None): # what each gradient goes to in the loss's backward (default: `inputs`)
+    "The mean of `values` over the samples, built and differentiated one chunk at a time; its gradients ride on the value."
+    n, total, grads = sum(s.stop - s.start for s in chunks), 0., None
+    for s in chunks:
+        part = values(s).sum() / n
+        if inputs and part.requires_grad: grads = _add_grads(grads, torch.autograd.grad(part, inputs, allow_unused=True))
+        total = total + part.detach()
+    return total if grads is None else _Precomputed.apply(total, grads, *(inputs if outputs is None else outputs))
 
 # %% ../nbs/08_train.ipynb #e15155b3
 FAR_OBJECTIVES = ('regularizer', 'robust')
@@ -122,6 +150,20 @@ class FARCallback(_TermRecorder):
         "Is S^T(x) a function of the logits fastai computes on the clean batch (S = the model's output, eq. 5)?"
         return self.target=='clean' and self.objective=='regularizer' and hasattr(get_attribution(self.spec.attribution), 'from_logits')
 
+    def _target_per_chunk(self):
+        "Chunked, is S^T(x) built per chunk beside S(x̃)? (A differentiated clean map, or a user's target.)"
+        return callable(self.target) or (self.target=='clean' and not self.detach_target and not self._target_from_pred())
+
+    def _chunks(self, n:int):
+        "Slices of the `n` attacked samples whose training maps are built and differentiated together (the spec's bound)."
+        return self.spec.sample_chunks(n, maps=2 if self._target_per_chunk() else 1)
+
+    def _batch_target(self, model, x, y):
+        "S^T(x) before the attack: the batch's (with its graph); chunked, only a detached clean map for the attack when it is rebuilt per chunk."
+        if not (self._chunked and self._target_per_chunk()): return self.target_map(model, x, y)
+        if self.target=='clean' and self._shares_target(): return self.map_of(model, x, y, x_clean=x, create_graph=False)
+        return None
+
     def before_fit(self):
         self.terms = ('ce',) + ((f'{self.term}_reg',) if self.lam else ())  # λ = 0 (Madry): no regularizer column
         super().before_fit()
@@ -137,12 +179,24 @@ class FARCallback(_TermRecorder):
         n_adv = round(self.adv_ratio * len(x)) if self.objective=='robust' else len(x)
         self._x, self._y = x[:n_adv], y[:n_adv]
         with inner_precision('fp32', x.device):  # maps in full precision; the attack runs its inner steps in its own
+            self._chunked = len(self._chunks(n_adv)) > 1
             needs_target = self.lam and n_adv and not self._target_from_pred()
-            self._target = self.target_map(self._module, self._x, self._y) if needs_target else None
-            if self.attack is None or n_adv==0 or not (self.lam or self.objective=='robust'): self._x_adv = self._x; return  # λ = 0 in eq. 5: x̃ unused
-            ctx = {'target_map': self._target.detach()} if (self._target is not None and self._shares_target()) else {}
-            self._x_adv = self.attack(self._module, self._x, self._y, **ctx).detach()
-        if self.objective=='robust': self.learn.xb = (torch.cat([self._x_adv, x[n_adv:]]),) + tuple(self.xb[1:])
+            self._target = self._batch_target(self._module, self._x, self._y) if needs_target else None
+            self._x_adv = self._attacked(n_adv)
+            early = self._chunked and self.lam and n_adv and not self._target_from_pred()
+            self._reg = self._chunked_term() if early else None  # before fastai's forward: its graph and the chunks' never coexist
+        if self.objective=='robust' and self._x_adv is not self._x: self.learn.xb = (torch.cat([self._x_adv, x[n_adv:]]),) + tuple(self.xb[1:])
+
+    def _attacked(self, n_adv:int):
+        "x̃ for the first `n_adv` samples: the attack's, or x itself (no attack; λ = 0 in eq. 5, where x̃ is unused)."
+        if self.attack is None or n_adv==0 or not (self.lam or self.objective=='robust'): return self._x
+        ctx = {'target_map': self._target.detach()} if (self._target is not None and self._shares_target()) else {}
+        return self.attack(self._module, self._x, self._y, **ctx).detach()
+
+    def _term(self):
+        "mean d_s[S(x̃), S^T(x)] over the attacked samples, in one graph (differentiated by fastai's backward)."
+        s_adv = self.map_of(self._module, self._x_adv, self._y, x_clean=self._x)
+        return self._d(s_adv, self._training_target(s_adv)).mean()
 
     def _training_target(self, s_adv):
         "S^T(x) for the attribution term: from fastai's clean logits, the precomputed map, or zeros."
@@ -151,18 +205,36 @@ class FARCallback(_TermRecorder):
             return t.detach() if self.detach_target else t
         return torch.zeros_like(s_adv) if self._target is None else self._target
 
+    def _chunk_target(self, s:slice, s_adv, t_pred):
+        "S^T(x) of the samples `s`: fastai's logits' (`t_pred`), rebuilt with its graph, the batch's, or zeros."
+        if t_pred is not None: return t_pred[s]
+        if self._target_per_chunk(): return self.target_map(self._module, self._x[s], self._y[s])
+        return torch.zeros_like(s_adv) if self._target is None else self._target[s]
+
+    def _chunked_term(self):
+        "mean d_s[S(x̃), S^T(x)], built and differentiated one chunk of samples at a time (`_chunked_mean`)."
+        params = [p for p in self._module.parameters() if p.requires_grad]
+        t_pred = self._training_target(self._x_adv) if self._target_from_pred() else None  # over the batch, fastai's graph
+        leaf = t_pred.detach().requires_grad_() if (t_pred is not None and t_pred.requires_grad) else None
+        def values(s):
+            s_adv = self.map_of(self._module, self._x_adv[s], self._y[s], x_clean=self._x[s])
+            return self._d(s_adv, self._chunk_target(s, s_adv, t_pred if leaf is None else leaf))
+        if leaf is None: return _chunked_mean(values, self._chunks(len(self._x_adv)), params)
+        return _chunked_mean(values, self._chunks(len(self._x_adv)), params + [leaf], params + [t_pred])
+
     def after_loss(self):
         if not self.training: return
         terms = {'ce': self.learn.loss_grad.detach()}
         if self.lam and len(self._x_adv):
-            with inner_precision('fp32', self._x.device): s_adv = self.map_of(self._module, self._x_adv, self._y, x_clean=self._x)
-            reg = self._d(s_adv, self._training_target(s_adv)).mean()
+            if self._reg is not None: reg = self._reg
+            else:
+                with inner_precision('fp32', self._x.device): reg = self._chunked_term() if self._chunked else self._term()
             self.learn.loss_grad = self.learn.loss_grad + self.lam * reg
             self.learn.loss = self.learn.loss_grad.detach().clone()
             terms[f'{self.term}_reg'] = reg.detach()
         self._accumulate(**terms)
 
-    def after_batch(self): self._x = self._y = self._x_adv = self._target = None
+    def after_batch(self): self._x = self._y = self._x_adv = self._target = self._reg = None
     def after_fit(self):
         self.after_batch(); self._module = None
         super().after_fit()
@@ -270,7 +342,8 @@ class ARTCallback(FARCallback):
                          eps=eps, **kwargs)
 
     def make_attack(self, threat):
-        return ARTAttack(threat, self.step_size or threat.step_size(1.5/8), self.steps, beta=self.beta, seed=self.seed, precision=self.precision)
+        return ARTAttack(threat, self.step_size or threat.step_size(1.5/8), self.steps, beta=self.beta, seed=self.seed, precision=self.precision,
+                         internal_batch_size=self.spec.internal_batch_size)  # the training map's bound
 
 # %% ../nbs/08_train.ipynb #7a1f10be
 class AATCallback(FARCallback):
@@ -312,8 +385,10 @@ class SaliencyMatchCallback(_TermRecorder):
     order = FARCallback.order - 1
     def __init__(self, teacher:nn.Module, # the teacher, e.g. an adversarially trained model
                  lam:float=1.0, # λ, the weight of L_diff
-                 attribution='gradient'): # the saliency J (the paper: the input gradient of the true class)
+                 attribution='gradient', # the saliency J (the paper: the input gradient of the true class)
+                 internal_batch_size:int|None=None): # samples whose student saliency is differentiated together (a gradient: one row a sample); None: all
         self.lam = check_number(lam, 'lam', min=0)
+        self.internal_batch_size = check_internal_batch_size(internal_batch_size)
         if not isinstance(teacher, nn.Module): raise TypeError(f"`teacher` must be an nn.Module, got {type(teacher).__name__}")
         self._attr = get_attribution(attribution)
         store_attr('teacher,attribution')
@@ -337,9 +412,11 @@ class SaliencyMatchCallback(_TermRecorder):
         if not self.training: return
         if not self._checked: self._check_teacher(self._x)
         terms = {'ce': self.learn.loss_grad.detach()}
-        j_s = self._attr(unwrap_model(self.learn.model), self._x, self._y, create_graph=True)
         with eval_mode(self.teacher, requires_grad=False): j_t = self._attr(self.teacher, self._x, self._y)
-        l_diff = saliency_match_loss(j_s, j_t).mean()
+        model, chunks = unwrap_model(self.learn.model), sample_chunks(len(self._x), 1, self.internal_batch_size)
+        def values(s): return saliency_match_loss(self._attr(model, self._x[s], self._y[s], create_graph=True), j_t[s])
+        if len(chunks) == 1: l_diff = values(slice(None)).mean()
+        else: l_diff = _chunked_mean(values, chunks, [p for p in model.parameters() if p.requires_grad])
         self.learn.loss_grad = self.learn.loss_grad + self.lam * l_diff
         self.learn.loss = self.learn.loss_grad.detach().clone()
         self._accumulate(**terms, saliency_match=l_diff.detach())

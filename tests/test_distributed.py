@@ -37,7 +37,9 @@ def _scenarios():
             'ig_sum_norm': ('ig_sum_norm', dict(lam=0.5, steps=2, attack_m=2, grad_m=4)),
             'trades': ('trades', dict(lam=6.0, steps=2)),
             'art': ('art', dict(lam=0.5, eps=0.1, step_size=0.04, steps=2)),
-            'saliency_match': ('natural', dict())}
+            'saliency_match': ('natural', dict()),
+            'aat_chunked': ('aat', dict(lam=1.0, steps=2, ig_steps=3, internal_batch_size=3)), # the term per chunk of samples, its
+            'trades_chunked': ('trades', dict(lam=6.0, steps=2, internal_batch_size=2))}       # gradients through DDP's one backward
 
 def _float64(t): return t.double() if t.is_floating_point() else t
 
@@ -59,7 +61,7 @@ def _learner(name, bs, **overrides):
     if name=='saliency_match': cbs.append(SaliencyMatchCallback(SmallCNN(10, 1, 28).double(), lam=1.0))
     learn = robust_learner(dls, method, opt_func=SGD, lr=0.5, cbs=cbs, **(kw | overrides))
     learn.model.double()
-    if name=='aat': learn.cbs.filter(lambda cb: hasattr(cb, 'attack'))[0].attack.random_start = True
+    if method=='aat': learn.cbs.filter(lambda cb: hasattr(cb, 'attack'))[0].attack.random_start = True
     return learn
 
 def _fit(learn):
