@@ -530,6 +530,7 @@ def _recorder_state(rec):
                 smooth=(rec.smooth_loss.count, rec.smooth_loss.val))
 
 def _load_recorder(rec, state):
+    "Put the history and smoothed loss of `_recorder_state` back into `rec`."
     rec.lrs, rec.iters, rec.losses = list(state['lrs']), list(state['iters']), list(state['losses'])
     rec.values = [L(v) for v in state['values']]
     rec.smooth_loss.count, rec.smooth_loss.val = state['smooth']
