@@ -1,7 +1,7 @@
 """Fault soak (issue 28, item 7): kill a job with SIGKILL at random moments, resume it until it finishes, and check
 that what it wrote equals what an uninterrupted run writes.
 
-    python bench/fault_soak.py                   # 8 trials of the training jobs (about 15 kills): results/fault_soak.{md,json}
+    python bench/fault_soak.py                   # 12 trials of the training jobs (>= 10 kills): results/fault_soak.{md,json}
     python bench/fault_soak.py --trials 12 --jobs train-adv
     python bench/fault_soak.py --smoke           # one short trial (well under a minute of work): results/fault_soak_smoke.*
 
@@ -238,7 +238,7 @@ name); a later save replaces the state, not the temporary.
 def main(argv=None):
     from _env import env_info, load, write
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--trials', type=int, default=8, help='trials, cycling through the jobs (default 8: about 15 kills)')
+    p.add_argument('--trials', type=int, default=12, help='trials, cycling through the jobs (default 12: about 14 kills, one per trial and a bit)')
     p.add_argument('--jobs', nargs='*', default=None, help='job names (default: all)')
     p.add_argument('--seed', type=int, default=0, help='seed of the kill moments')
     p.add_argument('--smoke', action='store_true', help='one short trial of the natural training job, written as fault_soak_smoke.*')
