@@ -9,10 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from .options import *
 from .options import _work_starts, _working, _check_settings
+from .runs import Interrupted
 
 # %% auto #0
-__all__ = ['LEGEND', 'DEMO_PROTOCOL', 'DEMO_AAT', 'COMMANDS', 'parse_setting', 'parse_settings', 'train', 'legend',
-           'protocol_lines', 'report', 'evaluate_saved', 'native_bf16', 'demo', 'add_options', 'OneLineParser', 'main']
+__all__ = ['LEGEND', 'DEMO_PROTOCOL', 'DEMO_AAT', 'COMMANDS', 'parse_setting', 'parse_settings', 'train', 'training_state_path',
+           'check_resume', 'legend', 'protocol_lines', 'report', 'evaluate_saved', 'native_bf16', 'demo', 'add_options',
+           'OneLineParser', 'main']
 
 # %% ../nbs/12_cli.ipynb #b8bc284d
 def parse_setting(pair:str): # a `key=value` string
@@ -28,8 +30,8 @@ def parse_settings(pairs): # `key=value` strings
     return dict(parse_setting(p) for p in pairs or [])
 
 # %% ../nbs/12_cli.ipynb #07e3227a
-@checked(epochs=at_least(1), bs=at_least(1), n_train=at_least(1), n_valid=at_least(1), lr=positive, eps=positive,
-         out=output_file, init=checkpoint, data=one_of('data'), arch=one_of('arch'), method=one_of('method'), precision=one_of('precision'))
+@checked(epochs=at_least(1), bs=at_least(1), n_train=at_least(1), n_valid=at_least(1), lr=positive, eps=positive, save_every=at_least(1),
+         out=output_file, state=output_file, init=checkpoint, data=one_of('data'), arch=one_of('arch'), method=one_of('method'), precision=one_of('precision'))
 def train(data:str='digits', # data set
           arch:str='small_cnn', # architecture
           method:str='natural', # training method
@@ -44,27 +46,71 @@ def train(data:str='digits', # data set
           bs:int=50, # batch size (FAR: 50 on (Fashion-)MNIST)
           lr:float=1e-3, # learning rate
           seed:int=42, # seed of data subsets and training
+          resume:bool=False, # go on from the training state of an interrupted run with the same settings, if there is one (else start afresh)
+          state=None, # the training state, saved after each epoch and on Ctrl-C or SIGTERM; None for out's name with .state.pth
+          save_every:int|None=None, # also save the training state every this many batches; None for after each epoch only
           path=None, # data directory, None for the default places
           progress:bool|None=None, # fastai's progress bar and table, else a plain line per epoch; None for a bar on a terminal only
           **method_kwargs): # other settings of the method, e.g. `steps=3`
     "Train a model on a data set with a method and save it with what it was trained for; return the fastai `Learner`."
-    from fastai.torch_core import set_seed, rank_distrib
+    from fastai.torch_core import set_seed, rank_distrib, num_distrib
     from robust_attr.data import get_dls
-    from robust_attr.train import robust_learner
+    from robust_attr.train import robust_learner, TrainingCheckpoint
     from robust_attr.models import save_model, training_meta
+    from robust_attr.runs import GracefulStop, Interrupted
+    state = training_state_path(out, state)
+    settings = method_kwargs | {k: v for k,v in dict(lam=lam, eps=eps, precision=precision).items() if v is not None}
+    run = dict(data=data, arch=arch, method=method, settings=settings, init=None if init is None else str(init), n_train=n_train,
+               n_valid=n_valid, bs=bs, lr=lr, seed=seed, processes=max(num_distrib(), 1))
+    ckpt = TrainingCheckpoint(state, resume=resume, every=save_every, meta=run)
+    if ckpt.saved is not None: check_resume(ckpt.saved, run, epochs, state)
     set_seed(seed)
     dls = get_dls(data, path=path, bs=bs, n_train=n_train, n_valid=n_valid, seed=seed)
-    settings = method_kwargs | {k: v for k,v in dict(lam=lam, eps=eps, precision=precision).items() if v is not None}
     learn = robust_learner(dls, method, arch=arch, init=init, lr=lr, **settings)
     _work_starts()
     start = time.time()
-    with _distrib_ctx(learn), _progress(learn, epochs, progress): learn.fit(epochs)
-    meta = training_meta(learn) | dict(epochs=epochs, n_train=len(dls.train_ds), bs=bs, lr=lr, seed=seed,
-                                       init=None if init is None else str(init), seconds=round(time.time()-start, 1))
-    if rank_distrib()==0:
-        save_model(learn.model, out, **meta)
-        print(f"saved {out}")
+    with GracefulStop() as stop:  # Ctrl-C, SIGTERM: the batch finishes, the state is saved, then `Interrupted`
+        ckpt.stop = stop
+        if rank_distrib()==0: print(_start_line(ckpt, state, resume, method, data, epochs), flush=True)
+        with _distrib_ctx(learn), _progress(learn, epochs, progress): learn.fit(epochs, cbs=ckpt)
+        if ckpt.stopped: raise Interrupted(ckpt.signum, f"run the same command with --resume (resume=True in Python): {state} "
+                                           f"holds the run after {_done(*ckpt.stopped, epochs)}")
+        seconds = (ckpt.saved['seconds'] if ckpt.saved is not None else 0.) + time.time() - start
+        meta = training_meta(learn) | dict(epochs=epochs, n_train=len(dls.train_ds), bs=bs, lr=lr, seed=seed,
+                                           init=None if init is None else str(init), seconds=round(seconds, 1))
+        if rank_distrib()==0:
+            save_model(learn.model, out, **meta)
+            print(f"saved {out}", flush=True)
     return learn
+
+def training_state_path(out, # where the model goes
+                        state=None): # the state's path asked for, None for the default
+    "Where `train` keeps its training state: `state`, else beside `out` with `.state.pth` for its suffix."
+    state = Path(out).with_suffix('.state.pth') if state is None else Path(state)
+    if state.resolve() == Path(out).resolve(): raise ValueError(f"state and out both name {out}: the training state would overwrite the model")
+    return state
+
+def check_resume(saved:dict, # a training state (`train.read_training_state`)
+                 run:dict, # this run's settings, as `train` records them
+                 epochs:int, # the epochs asked for
+                 state): # the state's path, for the message
+    "Refuse, in one line, to resume a state saved by a run with other settings (only the epochs may grow) or with more epochs done."
+    old = saved.get('meta') or {}
+    diff = [k for k in run if old.get(k) != run[k]]
+    if diff: raise ValueError(f"cannot resume from {state}: it was saved by a run with {', '.join(f'{k}={old.get(k)!r}' for k in diff)}, "
+                              f"this run has {', '.join(f'{k}={run[k]!r}' for k in diff)} (only the number of epochs may change)")
+    if saved['epoch'] + (saved['batch'] > 0) > epochs:
+        raise ValueError(f"cannot resume from {state}: it has trained {_done(saved['epoch'], saved['batch'])}, more than the {epochs} asked for")
+
+def _done(epoch:int, batch:int, epochs:int|None=None):
+    "Words for a point of a run: '2 of 3 epochs, and 4 batches of epoch 3'."
+    return f"{epoch}{'' if epochs is None else f' of {epochs}'} epoch{'s' if (epochs or epoch) != 1 else ''}" + (f", and {batch} batches of epoch {epoch+1}" if batch else '')
+
+def _start_line(ckpt, state, resume, method, data, epochs):
+    "What the run does, and where its state goes."
+    s = ckpt.saved
+    if s is not None: return f"resuming from {state}: {_done(s['epoch'], s['batch'], epochs)} done"
+    return (f"no training state at {state}: starting afresh; " if resume else '') + f"training {method} on {data} for {epochs} epoch{'s' if epochs != 1 else ''} (state: {state})"
 
 def _distrib_ctx(learn):
     "`learn.robust_distrib_ctx()` when launched by `torchrun` or `accelerate launch`, else a no-op."
@@ -88,7 +134,6 @@ def _progress(learn, # a fastai `Learner` about to `fit`
         learn.logger = line
         try: yield
         finally: learn.logger = logger
-
 
 # %% ../nbs/12_cli.ipynb #142c6150
 LEGEND = dict(
@@ -363,6 +408,10 @@ def _run(argv):
     warnings.showwarning = functools.partial(_warning_line, prog, warnings.showwarning)  # restored by `main`
     token = _working.set(False)
     try: fn(**args, **settings)
+    except Interrupted as e:  # a graceful stop: its state is saved, the message says how to resume
+        print(f"{prog}: {_one_line(e)}", file=sys.stderr, flush=True)
+        _leave_process_group()
+        return e.exit_status
     except (ValueError, TypeError, FileNotFoundError) as e:
         if _working.get(): raise
         parser.exit(2, f"{prog}: error: {_one_line(e)}\n")

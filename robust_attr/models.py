@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from .core import *
+from .runs import atomic_path
 
 # %% auto #0
 __all__ = ['ARCHS', 'INIT_SCHEMES', 'CHECKPOINT_FORMAT', 'READABLE_FORMATS', 'Normalize', 'PerImageStandardize', 'input_layer',
@@ -318,9 +319,9 @@ def save_model(model:nn.Module, # a model built from `ARCHS`
     if meta.get('threat') is not None: meta['threat'] = _threat_record(meta['threat'])
     check_storable(meta, 'meta')
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ckpt = dict(arch=name, arch_kwargs=kwargs, state_dict={k: v.detach().cpu() for k,v in model.state_dict().items()}, meta=meta)
-    torch.save(dict(format=CHECKPOINT_FORMAT, **ckpt, sha256={k: checkpoint_hash(v) for k,v in ckpt.items()}), path)
+    with atomic_path(path) as tmp, open(tmp, 'wb') as f:  # a crash while writing leaves the previous checkpoint whole
+        torch.save(dict(format=CHECKPOINT_FORMAT, **ckpt, sha256={k: checkpoint_hash(v) for k,v in ckpt.items()}), f)  # a file object: entries named archive/…, whatever the file's name
     return path
 
 def _threat_record(threat): # a `ThreatModel` or its `asdict`

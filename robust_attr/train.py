@@ -4,15 +4,20 @@
 
 # %% ../nbs/08_train.ipynb #ea98ab36
 from __future__ import annotations
-import inspect, math, warnings
+import inspect, math, random, signal, time, warnings
+from functools import partial
 from pathlib import Path
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from fastcore.basics import store_attr, listify
+from fastcore.basics import store_attr, listify, patch, noop, GetAttr
 from fastcore.foundation import L
-from fastai.callback.core import Callback, TrainEvalCallback
+from fastai.callback.core import Callback, TrainEvalCallback, CancelEpochException, CancelFitException
+from fastai.callback.schedule import ParamScheduler
+from fastai.data.load import DataLoader
 from fastai.learner import Learner, Recorder
 import fastai.callback.progress # registers the progress bar and `Learner.no_bar`
 from fastai.losses import CrossEntropyLossFlat
@@ -26,12 +31,14 @@ from .losses import get_dissimilarity, saliency_match_loss
 from .attacks import Attack, PGD, IFIA, AdvIFIA, ARTAttack, unwrap_model, check_precision, inner_precision
 from .models import get_model, load_model
 from .evaluate import threat_model_for
+from .runs import atomic_path
 
 # %% auto #0
-__all__ = ['FAR_OBJECTIVES', 'METHODS', 'FARCallback', 'AdvTrainCallback', 'layer_attribution', 'IGNormCallback',
-           'IGSumNormCallback', 'TRADESCallback', 'ARTCallback', 'AATCallback', 'AdvAATCallback',
+__all__ = ['FAR_OBJECTIVES', 'METHODS', 'TRAINING_STATE', 'FARCallback', 'AdvTrainCallback', 'layer_attribution',
+           'IGNormCallback', 'IGSumNormCallback', 'TRADESCallback', 'ARTCallback', 'AATCallback', 'AdvAATCallback',
            'SaliencyMatchCallback', 'method_callback', 'CheckTrainOutput', 'robust_learner',
-           'recompute_batchnorm_stats', 'RecomputeBatchNormStats']
+           'recompute_batchnorm_stats', 'RecomputeBatchNormStats', 'rng_states', 'set_rng_states',
+           'read_training_state', 'TrainingCheckpoint']
 
 # %% ../nbs/08_train.ipynb #474b6665
 class _TermRecorder(Callback):
@@ -525,3 +532,248 @@ class RecomputeBatchNormStats(Callback):
     def __init__(self, n_batches:int=50): # training batches averaged (fewer if the training set has fewer)
         self.n_batches = check_number(n_batches, 'n_batches', min=1, integer=True)
     def after_train(self): recompute_batchnorm_stats(self.learn.model, self.learn.dls.train.new(shuffle=False, drop_last=False), self.n_batches)
+
+# %% ../nbs/08_train.ipynb #635c52c6
+def rng_states():
+    "The states of Python's, NumPy's and torch's global random generators (and CUDA's where it is initialized), as plain data."
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    states = dict(python=random.getstate(), numpy=(kind, key.tolist(), pos, has_gauss, gauss), torch=torch.get_rng_state())
+    if torch.cuda.is_available() and torch.cuda.is_initialized(): states['cuda'] = torch.cuda.get_rng_state_all()
+    return states
+
+def set_rng_states(states:dict): # from `rng_states`
+    "Put the global random generators back into `states`."
+    random.setstate(states['python'])
+    kind, key, *rest = states['numpy']
+    np.random.set_state((kind, np.array(key, dtype=np.uint32), *rest))
+    torch.set_rng_state(states['torch'])
+    if 'cuda' in states and torch.cuda.is_available(): torch.cuda.set_rng_state_all(states['cuda'])
+
+# %% ../nbs/08_train.ipynb #a6a102bb
+@patch
+def training_state(self:_TermRecorder):
+    "The sums of the epoch's terms so far."
+    return dict(sums=dict(getattr(self, '_sums', {})), count=getattr(self, '_count', 0))
+
+@patch
+def load_training_state(self:_TermRecorder, state:dict): # from `training_state`
+    "Go on adding to the sums in `state`."
+    self._sums, self._count = dict(state['sums']), state['count']
+
+@patch
+def training_state(self:FARCallback):
+    "The sums of the epoch's terms and the state of the attack's own generator (None when it draws from torch's)."
+    a = self.attack
+    gen = None if a is None or a.seed is None else a._generator(model_device(self.learn.model)).get_state()
+    return _TermRecorder.training_state(self) | dict(attack_rng=gen)
+
+@patch
+def load_training_state(self:FARCallback, state:dict): # from `training_state`
+    "Go on with the sums and the attack's generator in `state`."
+    _TermRecorder.load_training_state(self, state)
+    a = self.attack
+    if (state['attack_rng'] is None) != (a is None or a.seed is None):
+        raise ValueError(f"{type(self).__name__}: the saved state's attack {'has no' if state['attack_rng'] is None else 'has a'} seed, "
+                         f"this one's {'has' if a is not None and a.seed is not None else 'has not'}: the settings differ")
+    if state['attack_rng'] is not None: a._generator(model_device(self.learn.model)).set_state(state['attack_rng'])
+
+@patch
+def training_state(self:ParamScheduler): return dict(hps={k: list(v) for k,v in getattr(self, 'hps', {}).items()})
+@patch
+def load_training_state(self:ParamScheduler, state:dict): self.hps = {k: list(v) for k,v in state['hps'].items()}
+
+# %% ../nbs/08_train.ipynb #efebcbd7
+def _world():
+    "(rank, number of processes) of the default process group; (0, 1) without one."
+    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+def _gather(obj):
+    "Every rank's `obj`, in rank order (`[obj]` in one process)."
+    world = _world()[1]
+    if world == 1: return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+def _max_rank(n:int):
+    "The largest of the ranks' `n` (the same answer on all ranks)."
+    if _world()[1] == 1: return n
+    t = torch.tensor([n], device=torch.device('cuda', torch.cuda.current_device()) if dist.get_backend()=='nccl' else 'cpu')
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+def _barrier():
+    "Wait for every rank (nothing in one process)."
+    if _world()[1] > 1: dist.barrier()
+
+def _base_loader(dl):
+    "The fastai `DataLoader` whose generator shuffles, under a distributed wrapper (which keeps it as `dl`)."
+    while isinstance(vars(dl).get('dl'), DataLoader): dl = dl.dl
+    return dl
+
+def _recorder_state(rec):
+    "The recorder's history and its smoothed loss, as plain data."
+    return dict(lrs=list(rec.lrs), iters=list(rec.iters), losses=list(rec.losses), values=[list(v) for v in rec.values],
+                smooth=(rec.smooth_loss.count, rec.smooth_loss.val))
+
+def _load_recorder(rec, state):
+    "Put the history and smoothed loss of `_recorder_state` back into `rec`."
+    rec.lrs, rec.iters, rec.losses = list(state['lrs']), list(state['iters']), list(state['losses'])
+    rec.values = [L(v) for v in state['values']]
+    rec.smooth_loss.count, rec.smooth_loss.val = state['smooth']
+
+def _stateful(learn): return [cb for cb in learn.cbs if callable(getattr(type(cb), 'training_state', None))]
+
+# %% ../nbs/08_train.ipynb #568f6320
+class _ResumedLoader(GetAttr):
+    "`dl` without its first `n` batches; `on_resume()` runs once they are drawn."
+    _default = 'dl'
+    def __init__(self, dl, n:int, on_resume): self.dl, self.n, self.on_resume = dl, n, on_resume
+    def __len__(self): return len(self.dl)
+    def __iter__(self):
+        it = iter(self.dl)
+        for _ in range(self.n): next(it, None)
+        self.on_resume()
+        yield from it
+
+# %% ../nbs/08_train.ipynb #67281691
+TRAINING_STATE = 'robust_attr training state 1'
+
+def read_training_state(path): # a file written by `TrainingCheckpoint`
+    "The training state in `path`, checked to be one."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"no training state at {path}")
+    try: state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable training state ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    if not isinstance(state, dict) or state.get('format') != TRAINING_STATE:
+        raise ValueError(f"{path} is not a robust_attr training state")
+    return state
+
+def _to(o, device):
+    "`o` with every tensor in it on `device` as a plain `Tensor`, NumPy scalars as Python's (neither loads with `weights_only`)."
+    if isinstance(o, Tensor): return o.as_subclass(Tensor).to(device)
+    if isinstance(o, np.generic): return o.item()
+    if isinstance(o, dict): return {k: _to(v, device) for k,v in o.items()}
+    if isinstance(o, (list, tuple)): return type(o)(_to(v, device) for v in o)
+    return o
+def _opt_state(opt): return _to(opt.state_dict() | dict(hypers=[dict(h) for h in opt.hypers]), 'cpu')  # a list, not fastcore's `L`
+
+# %% ../nbs/08_train.ipynb #0c57c4a3
+class TrainingCheckpoint(Callback):
+    "Save the whole training state to `path` after each epoch (every `every` batches, and when `stop` asks); `resume` goes on from it."
+    order, run_valid = 70, False  # after the Recorder (50), the schedulers and the progress bar (60): their records of the epoch are in the state
+    def __init__(self, path, # the state's file, written atomically (a crash leaves the previous state whole)
+                 resume:bool=False, # go on from the state in `path` if there is one (else start afresh)
+                 stop=None, # an object whose `requested` asks to stop (a `runs.GracefulStop`), read after each training batch
+                 every:int|None=None, # also save every `every` training batches (None: at the end of each epoch only)
+                 meta:dict|None=None): # what the run is (data, method, settings), saved with the state for a resume to check
+        if every is not None: check_number(every, 'every', min=1, integer=True)
+        self.state_path, self.resume, self.stop, self.every, self.meta = Path(path), resume, stop, every, meta
+        self.saved = read_training_state(path) if resume and Path(path).exists() else None  # read now: a caller checks `meta` before its work
+        self.stopped = self.signum = None
+
+    def before_fit(self):
+        self._t0, self._batch, self.stopped, self.signum, s = time.time(), 0, None, None, self.saved
+        self.start, self.done, self._pending = (0, 0, False) if s is None else (s['epoch'], s['batch'], True)
+        if self.resume and len(set(_gather(None if s is None else (s['epoch'], s['batch'])))) > 1:
+            raise ValueError(f"the processes read different states from {self.state_path}: it must be on a file system they all see")
+        if s is None: return
+        rank, world = _world()
+        if s['world_size'] != world:
+            raise ValueError(f"{self.state_path} was saved by {s['world_size']} process(es), this run has {world}: resume with as many (they set the global batch)")
+        if self.start + (self.done > 0) > self.n_epoch:
+            raise ValueError(f"{self.state_path} has trained {self.start} epoch(s){f' and {self.done} batches' if self.done else ''}, more than the {self.n_epoch} of this fit")
+        n = sum(len(pg) for pg in self.learn.opt.param_lists)
+        if len(s['opt']['state']) != n: raise ValueError(f"{self.state_path}'s optimizer has {len(s['opt']['state'])} parameters, this learner's {n}")
+        self._mine = s['ranks'][rank]
+        unwrap_model(self.learn.model).load_state_dict(s['model'])
+        self.learn.opt.load_state_dict(_to(s['opt'], model_device(self.learn.model)) | dict(hypers=L(s['opt']['hypers'])))
+        self.learn.train_iter = s['train_iter']
+        if self.start: self._quiet(True)  # the skipped epochs' rows were shown by the run that trained them
+        else: self._recorder(load=True)
+
+    def _recorder(self, load=False):
+        "The recorder's state (or load this rank's saved one into it); None without a recorder."
+        rec = getattr(self.learn, 'recorder', None)
+        if rec is None: return None
+        if load: _load_recorder(rec, self._mine['recorder'])
+        return _recorder_state(rec)
+
+    def _quiet(self, on:bool):
+        "Silence the recorder's table rows (or not)."
+        rec = getattr(self.learn, 'recorder', None)
+        if rec is None: return
+        if on: rec.__dict__['logger'] = noop
+        else: rec.__dict__.pop('logger', None)
+
+    def before_epoch(self):
+        if self.epoch < self.start: raise CancelEpochException()  # trained before: skipped, as fastai's `SkipToEpoch` does
+        self._batch = 0
+        if self._pending and not self.done: self._restore(rng=True)
+
+    def after_cancel_epoch(self):
+        "A skipped epoch: the recorder appends the epoch's saved row, so a callback reading `recorder.values` sees it."
+        rec = getattr(self.learn, 'recorder', None)
+        if rec is not None and self.epoch < self.start: rec.log = L([self.epoch, *self._mine['recorder']['values'][self.epoch]])
+
+    def before_train(self):
+        self._loaders = [_base_loader(dl).rng.getstate() for dl in self.learn.dls.loaders]  # where this epoch's shuffles start
+        if not (self._pending and self.done): return
+        self._restore(rng=False)
+        self._loaders = list(self._mine['loaders'])
+        self.learn.pct_train, self._batch = self._mine['pct_train'], self.done
+        self.learn.dl = _ResumedLoader(self.learn.dl, self.done, partial(set_rng_states, self._mine['rng']))
+
+    def _restore(self, rng:bool):
+        "Put back this rank's loaders, callbacks (and global generators) as saved."
+        m, cbs = self._mine, _stateful(self.learn)
+        for dl, s in zip(self.learn.dls.loaders, m['loaders']): _base_loader(dl).rng.setstate(s)
+        names, saved = [type(cb).__name__ for cb in cbs], [n for n,_ in m['callbacks']]
+        if names != saved: raise ValueError(f"{self.state_path} was saved with the callbacks {saved}, this learner has {names}")
+        for cb, (_, s) in zip(cbs, m['callbacks']): cb.load_training_state(s)
+        if rng: set_rng_states(m['rng'])
+        self._pending = False
+
+    def after_batch(self):
+        self._batch += 1
+        if self._batch == self.n_iter: return  # the epoch's end saves (and stops) after validation
+        if sig := self._stop_asked(): self.save(self.epoch, self._batch); self._stop(self.epoch, self._batch, sig)
+        if self.every and self._batch % self.every == 0: self.save(self.epoch, self._batch)
+
+    def after_epoch(self):
+        if self.epoch < self.start:
+            if self.epoch == self.start - 1: self._recorder(load=True); self._quiet(False)
+            return
+        self.save(self.epoch + 1, 0)
+        if self.epoch + 1 < self.n_epoch and (sig := self._stop_asked()): self._stop(self.epoch + 1, 0, sig)
+
+    def after_fit(self): self._quiet(False)
+
+    def _stop_asked(self):
+        "The signal that asks to stop on any rank (SIGTERM for a request without one); 0 for none."
+        if self.stop is None: return 0
+        return _max_rank(int(getattr(self.stop, 'signum', None) or signal.SIGTERM) if self.stop.requested else 0)
+    def _stop(self, epoch, batch, signum):
+        self.stopped, self.signum = (epoch, batch), signum
+        raise CancelFitException()
+
+    def save(self, epoch:int, # the epoch to go on in (0-based)
+             batch:int): # the batches of it done (0: at its start)
+        "Write the state from which training goes on at `batch` of `epoch` (every rank calls it; rank 0 writes)."
+        loaders = self._loaders if batch else [_base_loader(dl).rng.getstate() for dl in self.learn.dls.loaders]
+        mine = dict(rng=rng_states(), loaders=loaders, pct_train=self.learn.pct_train, recorder=self._recorder(),
+                    callbacks=[(type(cb).__name__, cb.training_state()) for cb in _stateful(self.learn)])
+        ranks = _gather(_to(mine, 'cpu'))
+        if _world()[0] == 0: self._write(epoch, batch, ranks)
+        _barrier()  # no rank goes on (or exits) before the state is on disk
+
+    def _write(self, epoch, batch, ranks):
+        "Rank 0 writes the state, its part and every rank's, atomically."
+        s = self.saved
+        seconds = (s['seconds'] if s is not None else 0.) + time.time() - self._t0
+        state = dict(format=TRAINING_STATE, meta=self.meta, epoch=epoch, batch=batch, n_epoch=self.n_epoch, world_size=len(ranks),
+                     seconds=seconds, model={k: v.detach().cpu() for k,v in unwrap_model(self.learn.model).state_dict().items()},
+                     opt=_opt_state(self.learn.opt), train_iter=self.learn.train_iter, ranks=ranks)
+        with atomic_path(self.state_path) as tmp, open(tmp, 'wb') as f: torch.save(state, f)
