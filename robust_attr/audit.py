@@ -4,8 +4,8 @@
 
 # %% ../nbs/13_audit.ipynb #29602224
 from __future__ import annotations
-import math, time, warnings
-from dataclasses import dataclass, field
+import contextlib, math, time, warnings
+from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -15,6 +15,7 @@ from .attacks import (IFIA, TargetedAttributionAttack, AttackRecord, unwrap_mode
 from .metrics import topk_intersection, kendall_tau
 from .lens import lens_metrics, LENS_WINDOW
 from .evaluate import Protocol, get_protocol, protocol_attacks, evaluation_sample, bootstrap_ci, format_interval
+from .shards import ImageBatches
 
 # %% auto #0
 __all__ = ['ENSEMBLE', 'ENSEMBLE_RESTARTS', 'NOISE_DRAWS', 'APGD_MOMENTUM', 'APGD_RHO', 'METRICS', 'like', 'TargetedMember',
@@ -269,7 +270,8 @@ class EnsembleAttack:
     def __call__(self, model:nn.Module, # the classifier
                  x:Tensor, # clean batch in the data box
                  y, # labels: an int or a `(B,)` tensor (the images should be classified correctly)
-                 target_map:Tensor|None=None): # the targeted member's target maps (default: the next image of another class in the batch)
+                 target_map:Tensor|None=None, # the targeted member's target maps (default: the next image of another class in the batch)
+                 keys=None): # one integer per image (its index in the data set): its random starts and noise draws depend on `(seed, key)` alone
         "Run every member on the batch; the `EnsembleRecord` holds the worst valid iterates and every number."
         x = check_images(x, box=self.attack.box).detach()
         model = unwrap_model(model)
@@ -285,11 +287,11 @@ class EnsembleAttack:
             start, mine = time.time(), []
             for r in range(self.restarts):
                 run = like(a, restarts=1, random_start=a.random_start or r > 0, seed=None if self.seed is None else self.seed + r)
-                xa, rec = run(model, x, y, return_record=True, **self._context(name, clean, y, target_map))
+                xa, rec = run(model, x, y, return_record=True, keys=keys, **self._context(name, clean, y, target_map))
                 mine.append((name, xa, dict(**map_metrics(clean, a.measure_map(model, xa, y), self.k), moved=rec.moved, steps=rec.steps)))
             members[name] = _lowest(x, mine)[2] | dict(steps=sum(m[2]['steps'] for m in mine))
             runs, seconds[name] = runs + mine, time.time() - start
-        start, gen = time.time(), self.attack._generator(x.device)
+        start, gen = time.time(), self.attack._generator(x.device, keys, len(x))
         noise = self.noise(model, x, y, clean, gen)
         seconds['noise'] = time.time() - start
         x_adv, found, low = _lowest(x, runs)
@@ -314,7 +316,8 @@ def audit_attacks(model:nn.Module, # the classifier
                   ensemble:EnsembleAttack, # the ensemble
                   n:int|None=100, # the first n correctly classified images (None: all)
                   sample:str='balanced', # how they are picked (`evaluate.SAMPLES`): the classes in turn, or 'first' in the set's order
-                  bs:int=128): # images per batch
+                  bs:int=128, # images per batch
+                  run:ImageBatches|None=None): # the batches' runner (split over processes, saved, resumed: `shards`); None: here, nothing saved
     "Run `ensemble` on the first `n` correctly classified images under the rule `sample`: `dict(record, idx, tried, seconds)`."
     start, model = time.time(), unwrap_model(model)
     bs = check_number(bs, 'bs', min=1, integer=True)
@@ -322,7 +325,11 @@ def audit_attacks(model:nn.Module, # the classifier
     y = check_targets(y, len(check_images(x)), check_model(model, x), device=x.device, name='y')
     idx, tried = evaluation_sample(model, x, y, n, sample, bs)
     if not len(idx): raise ValueError(f"the model classifies none of the {tried} images correctly: there is no map to attack")
-    rec = EnsembleRecord.cat([ensemble(model, x[idx[i:i+bs]], y[idx[i:i+bs]]) for i in range(0, len(idx), bs)])
+    def batch(j): # the images' indices: also the keys of their random draws
+        rec = ensemble(model, x[j], y[j], keys=j)
+        return {f.name: getattr(rec, f.name) for f in fields(rec)}
+    with (ImageBatches() if run is None else contextlib.nullcontext(run)) as r:
+        rec = EnsembleRecord.cat([EnsembleRecord(**o) for o in r.map(batch, idx, bs, 'audit', 'ensemble')])
     return dict(record=rec, idx=idx, tried=tried, seconds=time.time() - start)
 
 # %% ../nbs/13_audit.ipynb #c5b90e77

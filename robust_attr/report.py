@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_report.ipynb #59c9d48b
 from __future__ import annotations
-import base64, dataclasses, html, io, json, time
+import base64, dataclasses, html, io, json, os, time
 from pathlib import Path
 
 # %% auto #0
@@ -39,12 +39,16 @@ def audit(model, # the classifier, taking [0,1] inputs
           maps:bool=False, # add the robustness of saliency, input×gradient, SmoothGrad, GradientSHAP maps (ART Table 4)
           out=None, # write the HTML report here
           bs:int=100, # images per attack batch
-          seed:int=0, # seed of the random starts, the noise and the certificate
+          seed:int=0, # seed of the random starts, the noise and the certificate (each image's: `seed` and its index in `x`)
+          state=None, # a file that keeps each finished batch of the ensemble, so that a stopped audit can resume (removed at the end)
+          resume:bool=False, # continue the audit saved in `state` (with the same settings)
           **overrides): # any `Protocol` setting
     "Audit `model`'s explanations: the ensemble's worst case beside the protocol's IFIA and random noise, LENS measures, the certificate; returns the result (and writes the report to `out`)."
     from robust_attr.evaluate import get_protocol, protocol_attacks, warn_other_threat
     from robust_attr.audit import EnsembleAttack, audit_attacks, ensemble_table, ENSEMBLE
     from robust_attr.attacks import unwrap_model
+    from robust_attr.shards import ImageBatches, fingerprint, rank_and_world
+    from robust_attr.runs import atomic_write_text
     start, model = time.time(), unwrap_model(model)
     p = get_protocol(protocol, variant, n=n, **overrides)
     opts = _check_certify(certify)
@@ -54,7 +58,9 @@ def audit(model, # the classifier, taking [0,1] inputs
     if out is not None: out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
     ens = EnsembleAttack(protocol_attacks(p, seed, internal_batch_size=256)[1], attacks=attacks or ENSEMBLE, k=p.k, seed=seed)
     warn_other_threat(model, p)
-    res = audit_attacks(model, x, y, ens, n=p.n, sample=p.sample, bs=bs)
+    settings = None if state is None else dict(protocol=p.record(), members=list(ens.members), restarts=ens.restarts, noise_draws=ens.noise_draws,
+                                               seed=seed, bs=bs, model=fingerprint(model), data=fingerprint(x, y))
+    with ImageBatches(state, settings, resume) as run: res = audit_attacks(model, x, y, ens, n=p.n, sample=p.sample, bs=bs, run=run)
     rec, idx = res['record'], res['idx']
     result = dict(model=type(model).__name__, protocol=p.record(), members=list(ens.members), restarts=ens.restarts,
                   noise_draws=ens.noise_draws, table=ensemble_table(res), n=len(idx), tried=res['tried'],
@@ -66,7 +72,7 @@ def audit(model, # the classifier, taking [0,1] inputs
     result.update(_art(model, x, y, p, source, corruptions, maps, bs, seed))
     result['seconds'] = time.time() - start
     result['figures'] = _figures(model, x[idx], y[idx], rec, ens, result)
-    if out is not None: out.write_text(audit_html(result))
+    if out is not None and rank_and_world()[0] == 0: atomic_write_text(out, audit_html(result))
     return result
 
 # %% ../nbs/15_report.ipynb #6494d330
@@ -230,16 +236,20 @@ def audit_saved(model, # a saved model (written by robust_attr train or `save_mo
                 path=None, # data directory
                 bs:int=100, # attack batch size
                 seed:int=0, # seed of the random starts, the noise and the certificate
+                resume:bool=False, # continue an interrupted audit with the same settings from the batches saved beside --out
+                procs:int=1, # worker processes to split the images among (torch's launcher, one thread each; they write the report)
                 **overrides): # other protocol settings (e.g. `ifia_steps=20`)
     "Audit a saved model's explanations — the ensemble attack, the noise baseline, LENS measures, the certificate on request — into one HTML report; print its table."
     from robust_attr.options import at_least, positive, one_of, output_file, checkpoint, evaluation_target, _check_settings, _work_starts
-    for name, check, v in (('--n', at_least(1), n), ('--bs', at_least(1), bs), ('--seed', at_least(0), seed), ('--out', output_file, out),
+    for name, check, v in (('--n', at_least(1), n), ('--bs', at_least(1), bs), ('--seed', at_least(0), seed), ('--out', output_file, out), ('--procs', at_least(1), procs),
                            ('--variant', one_of(('quick', 'full')), variant), ('--split', one_of(('train', 'valid', 'test')), split)):
         check(name, v)
     if eps is not None: positive('--eps', eps)
     if corruptions is not None and corruptions not in range(1, 6): raise ValueError(f"--corruptions must be a severity 1 … 5, got {corruptions!r}")
     checkpoint('--model', model)
     if source is not None: checkpoint('--source', source)
+    from robust_attr.shards import launch_command, join_launch, state_path
+    if procs > 1: _work_starts(); return launch_command(procs, 'audit', audit_saved, locals())   # the workers write the report
     from robust_attr.data import get_arrays
     from robust_attr.models import load_model
     from robust_attr.evaluate import Protocol, protocol_for, check_evaluation, get_protocol
@@ -251,8 +261,9 @@ def audit_saved(model, # a saved model (written by robust_attr train or `save_mo
     x, y = get_arrays(data, split, path=path)
     check_evaluation(m, x, y, p)
     _work_starts()
-    print(f"auditing {model} on the {split} split of {data}", flush=True)
+    rank0 = not (join_launch() and int(os.environ.get('RANK', '0')))   # under a launcher, the ensemble's batches are split among the processes
+    if rank0: print(f"auditing {model} on the {split} split of {data}", flush=True)
     res = audit(m, x, y, p, variant, n, certify=bool(certify), source=load_model(source) if source else None, corruptions=corruptions,
-                maps=maps, out=out, bs=bs, seed=seed)
-    print(format_table(res['table']), f"\nreport: {out}", sep='\n')
+                maps=maps, out=out, bs=bs, seed=seed, state=state_path(out), resume=resume)
+    if rank0: print(format_table(res['table']), f"\nreport: {out}", sep='\n')
     return res
