@@ -276,7 +276,7 @@ def launch_workers(nprocs:int, # how many processes
     nprocs = check_number(nprocs, 'nprocs', min=1, integer=True)
     cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=f'robust_attr-{uuid.uuid4()}', rdzv_backend='c10d',
                        rdzv_endpoint='localhost:0', max_restarts=0, shutdown_timeout=stop_timeout)
-    handlers = {s: signal.getsignal(s) for s in (*_STOPS, signal.SIGHUP, signal.SIGQUIT)}  # the launcher replaces them
+    handlers = {s: signal.getsignal(s) for s in (*_STOPS, *(getattr(signal, n) for n in ('SIGHUP', 'SIGQUIT') if hasattr(signal, n)))}  # the launcher replaces them
     try:
         with _environ(OMP_NUM_THREADS='1', **{WORKER_PARENT: str(os.getpid())}): elastic_launch(cfg, sys.executable)(*args)
     except SignalException as e: raise Interrupted(e.sigval, 'run the same command again with --resume') from None
