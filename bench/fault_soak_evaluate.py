@@ -7,8 +7,8 @@ result equals an uninterrupted run's, image by image.
 
 Each trial starts the command and kills it (its whole process group, so nothing can clean up) at a random moment:
 a quarter of the kills after a delay uniform in [0, the uninterrupted run's wall time] (so also while Python
-starts), the others once the state holds a random number of batches, a random part of a batch later (so while a
-batch runs, while its line is written, or while the result is). Then it runs the same command with `--resume`, kills that
+starts), the others once the run has saved a random number of new batches, a random part of a batch later (so while
+a batch runs, while its line is written, or while the result is). Then it runs the same command with `--resume`, kills that
 too, and so on until `--kills` kills have landed or a run ended first; the last run goes to the end. Trials are
 added (up to 3× `--trials`) until `--min-kills` kills have landed. With `--procs N` the kill hits the
 launcher only: its workers, told by the kernel that their parent died (`shards.stop_with_parent`), finish their
@@ -101,20 +101,21 @@ def run_to_end(cmd, timeout:float=1800):
 
 
 def kill_moment(rng:random.Random, window:float, batches:int):
-    "When to kill: a quarter of the time after a delay uniform in [0, `window`] (startup included), else once the state holds a random number of batches, a random part of a batch later."
+    "When to kill: `(new batches, then seconds)`. A quarter of the time after a delay uniform in [0, `window`] (Python starting included), else once the run has saved a random number of new batches, a random part of a batch later."
     if rng.random() < 0.25: return 0, rng.uniform(0, window)
     return rng.randrange(batches), rng.uniform(0, window / batches)
 
 
-def _wait_for(p, state:Path, batches:int, delay:float):
-    "Wait until `state` holds `batches` batches, then `delay` seconds: `(still running, whether a state was seen)`."
-    seen, since = False, None
+def _wait_for(p, state:Path, batches:int, delay:float, before:int):
+    "Wait until the run has added `batches` batches to the `before` in `state`, then `delay` seconds: `(still running, batches it added)`."
+    since, added = None, 0
     while p.poll() is None:
-        seen |= state.exists()
-        if since is None and saved_batches(state) >= batches: since = time.time()
-        if since is not None and time.time() - since >= delay: return True, seen
+        n = saved_batches(state)
+        added = max(added, n - before)
+        if since is None and n - before >= batches: since = time.time()
+        if since is not None and time.time() - since >= delay: return True, added
         time.sleep(0.01)
-    return False, seen
+    return False, added
 
 
 def killed_run(cmd, out:Path, kills:int, window:float, rng:random.Random, procs:int=1, batches:int=16):
@@ -123,13 +124,13 @@ def killed_run(cmd, out:Path, kills:int, window:float, rng:random.Random, procs:
     while True:
         p = subprocess.Popen(cmd + (['--resume'] if runs else []) + (['--procs', str(procs)] if procs > 1 else []), env=environment(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        runs, start = runs + 1, time.time()
-        alive, seen = _wait_for(p, state, *kill_moment(rng, window, batches)) if len(landed) < kills else (False, False)
+        runs, start, before = runs + 1, time.time(), saved_batches(state)
+        alive, added = _wait_for(p, state, *kill_moment(rng, window, batches), before) if len(landed) < kills else (False, 0)
         if alive:
             os.killpg(p.pid, signal.SIGKILL)
             p.communicate()
             after, saved = time.time() - start, saved_batches(state)
-            phase = 'working' if state.exists() else 'finishing' if seen else 'starting'
+            phase = 'after the work' if not state.exists() and (added or before) else 'working' if saved > before else 'before its first batch'
             waited = wait_gone(p.pid) if procs > 1 else 0.
             landed.append(dict(after=round(after, 2), saved=saved, phase=phase, workers_stopped_in=round(waited, 1)))
             continue
@@ -159,19 +160,19 @@ def soak(model, work:Path, trials:int, kills:int, seed:int=0, procs:int=1, min_k
         t += 1
     return dict(reference_seconds=round(ref_seconds, 1), n=reference['n'], trials=rows, n_trials=len(rows),
                 n_kills=sum(len(r['kills']) for r in rows), mismatches=sum(not r['equal'] for r in rows),
-                kills_by_phase={ph: sum(k['phase'] == ph for r in rows for k in r['kills']) for ph in ('starting', 'working', 'finishing')})
+                kills_by_phase={ph: sum(k['phase'] == ph for r in rows for k in r['kills']) for ph in ('before its first batch', 'working', 'after the work')})
 
 
 def markdown(res:dict, args):
     lines = [f"# Fault soak: `robust_attr evaluate` killed with SIGKILL and resumed{' (' + str(args.procs) + ' workers)' if args.procs > 1 else ''}", '',
              f"Command: `{res['env']['command']}`; {res['env']['date']}; load before {res['load_before']}, after {res['load_after']}.", '',
              f"**{res['n_trials']} trials, {res['n_kills']} kills, {res['mismatches']} mismatches** with the uninterrupted run "
-             f"(every field but `seconds`, {res['n']} attacked digits and their AA images). Kills by phase: "
-             f"{res['kills_by_phase']['starting']} before the run's state existed (Python starting), {res['kills_by_phase']['working']} "
-             f"while it existed (batches running or being saved), {res['kills_by_phase']['finishing']} after it was removed (the result "
-             "being written, the process ending).", '',
+             f"(every field but `seconds`, {res['n']} attacked digits and their AA images). Kills by phase of the killed run: "
+             f"{res['kills_by_phase']['before its first batch']} before it saved a batch (Python starting, the first batch running), "
+             f"{res['kills_by_phase']['working']} after it saved some (a batch running or being saved), {res['kills_by_phase']['after the work']} "
+             "after its state was removed (the result being written, the process ending).", '',
              f"The uninterrupted run took {res['reference_seconds']} s (most of it Python starting). A quarter of the kills came after a delay "
-             "uniform in [0, that]; the others once the state held a random number of batches, a random part of a batch later.", '',
+             "uniform in [0, that]; the others once the run had saved a random number of new batches, a random part of a batch later.", '',
              '| trial | runs | kills: seconds after the start (batches saved, phase) | equal |', '|---|---|---|---|']
     for r in res['trials']:
         kills = ', '.join(f"{k['after']} ({k['saved']}, {k['phase']})" for k in r['kills'])
