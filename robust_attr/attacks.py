@@ -82,9 +82,12 @@ class Attack:
     def finished(self, score, valid, ctx): return None
     def chunks(self, n:int): return [slice(0, n)]  # samples whose objective is differentiated together (see `ascent_gradient`)
 
-    def _generator(self, device):
-        "The attack's own generator on `device` (None when unseeded: torch's global generator is used)."
+    def _generator(self, device, keys=None, n:int=0):
+        "The attack's own generator on `device`, or one per image of the `n` `keys` (None when unseeded: torch's global generator)."
         if self.seed is None: return None
+        if keys is not None:
+            if len(keys) != n: raise ValueError(f"`keys` must hold one integer per image ({n}), got {len(keys)}")
+            return ImageGenerators(self.seed, keys, device)
         gen = getattr(self, '_gen', None)
         if gen is None or gen.device != torch.device(device):
             gen = self._gen = torch.Generator(device).manual_seed(self.seed)
@@ -99,12 +102,13 @@ class Attack:
                  y, # labels: an int or a (B,) tensor of class indices
                  return_record:bool=False, # also return an `AttackRecord`
                  on_step=None, # `on_step(step, total)` before each step; returning True stops the attack
+                 keys=None, # one integer per image (e.g. its index in the data set): each image's random draws then depend on `(seed, key)` alone
                  **context): # extra per-call inputs for `prepare` (e.g. `target_map`)
         "Attack the batch `x`; returns the selected iterates (and the per-sample `AttackRecord`)."
         x = check_images(x, box=self.box).detach()
         model = unwrap_model(model)
         with inner_precision('fp32', x.device): y = check_targets(y, len(x), check_model(model, x), device=x.device, name='y')
-        gen = self._generator(x.device)
+        gen = self._generator(x.device, keys, len(x))
         if self.precision=='fp16' and x.device.type=='cpu':
             warnings.warn("precision='fp16' on a CPU is slower than fp32 (no native fp16 arithmetic); use 'bf16'", UserWarning, stacklevel=2)
         with eval_mode(model, requires_grad=False), torch.enable_grad(), inner_precision('fp32', x.device):  # scores in fp32
@@ -119,7 +123,7 @@ class Attack:
                 if done is not None: idx = idx[~done]
                 if not len(idx): break
                 rand = self.random_start or r > 0
-                start = self.random_points(x[idx], gen) if rand else x[idx]
+                start = self.random_points(x[idx], _rows(gen, idx)) if rand else x[idx]
                 act = _Active(idx, start, x[idx], y[idx], _take(ctx, idx))
                 if self.run(model, best, act, rand, on_step, r*self.steps, gen): break
         x_adv = best['x']
@@ -188,11 +192,15 @@ def _logits(model, x):
     with torch.no_grad(): return check_logits(model(x), len(x))
 
 # %% ../nbs/05_attacks.ipynb #c33001bf
+def _rows(gen, rows:Tensor):
+    "The generators of the batch's `rows` when `gen` holds one per image (`ImageGenerators`), else `gen`."
+    return gen[rows] if isinstance(gen, ImageGenerators) else gen
+
 def _leave_flat_points(attack, best:dict, act:_Active, g:Tensor, x_next:Tensor, gen):
     "Move the samples whose ascent direction `g` is exactly zero to random points of the ball (in place in `x_next`)."
     flat = g.flatten(1).eq(0).all(1)
     if attack.eps == 0 or not flat.any(): return x_next
-    x_next[flat] = attack.random_points(act.x[flat], gen)
+    x_next[flat] = attack.random_points(act.x[flat], _rows(gen, act.idx[flat]))
     best['flat'][act.idx[flat]] += 1
     return x_next
 

@@ -4,8 +4,8 @@
 
 # %% ../nbs/13_audit.ipynb #29602224
 from __future__ import annotations
-import math, time, warnings
-from dataclasses import dataclass, field
+import contextlib, math, time, warnings
+from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -17,6 +17,7 @@ from .metrics import topk_intersection, kendall_tau
 from .lens import lens_metrics, LENS_WINDOW
 from .evaluate import (Protocol, get_protocol, protocol_attacks, evaluation_sample, constant_map, warn_constant_maps,
                                   bootstrap_ci, format_interval)
+from .shards import ImageBatches
 
 # %% auto #0
 __all__ = ['ENSEMBLE', 'ENSEMBLE_BETAS', 'ENSEMBLE_RESTARTS', 'NOISE_DRAWS', 'APGD_MOMENTUM', 'APGD_RHO', 'METRICS', 'like',
@@ -299,7 +300,8 @@ class EnsembleAttack:
                  x:Tensor, # clean batch in the data box
                  y, # labels: an int or a `(B,)` tensor (the images should be classified correctly)
                  target_map:Tensor|None=None, # the targeted member's target maps (default: the next image of another class in the batch)
-                 clean_map:Tensor|None=None): # the clean measured maps of `x`, if the caller has them
+                 clean_map:Tensor|None=None, # the clean measured maps of `x`, if the caller has them
+                 keys=None): # one integer per image (its index in the data set): its random starts and noise draws depend on `(seed, key)` alone
         "Run every member on the batch; the `EnsembleRecord` holds the worst valid iterates and every number."
         x = check_images(x, box=self.attack.box).detach()
         model = unwrap_model(model)
@@ -311,11 +313,11 @@ class EnsembleAttack:
         for name, a in self.members.items():
             start, mine = time.time(), []
             for run in self._runs(a):
-                xa, rec = run(model, x, y, return_record=True, **self._context(a, clean, target))
+                xa, rec = run(model, x, y, return_record=True, keys=keys, **self._context(a, clean, target))
                 mine.append((name, xa, dict(**map_metrics(clean, a.measure_map(model, xa, y), self.k), moved=rec.moved, steps=rec.steps)))
             members[name] = _lowest(x, mine, constant)[2] | dict(steps=sum(m[2]['steps'] for m in mine))
             runs, seconds[name] = runs + mine, time.time() - start
-        start, gen = time.time(), self.attack._generator(x.device)
+        start, gen = time.time(), self.attack._generator(x.device, keys, len(x))
         noise = self.noise(model, x, y, clean, gen)
         seconds['noise'] = time.time() - start
         x_adv, found, low = _lowest(x, runs, constant)
@@ -356,7 +358,9 @@ def audit_attacks(model:nn.Module, # the classifier
                   ensemble:EnsembleAttack, # the ensemble
                   n:int|None=100, # the first n correctly classified images (None: all)
                   sample:str='balanced', # how they are picked (`evaluate.SAMPLES`): the classes in turn, or 'first' in the set's order
-                  bs:int=128): # images per batch
+                  bs:int=128, # images per batch
+                  run:ImageBatches|None=None, # the batches' runner (split over processes, saved, resumed: `shards`); None: here, nothing saved
+                  part:str='audit'): # the name of this work in `run`'s state (another for a second model's audit in the same state)
     "Run `ensemble` on the first `n` correctly classified images under the rule `sample`: `dict(record, idx, tried, constant_maps, seconds)`."
     start, model = time.time(), unwrap_model(model)
     bs = check_number(bs, 'bs', min=1, integer=True)
@@ -366,11 +370,15 @@ def audit_attacks(model:nn.Module, # the classifier
     idx, tried = evaluation_sample(model, x, y, n, sample, bs)
     if not len(idx): raise ValueError(f"the model classifies none of the {tried} images correctly: there is no map to attack")
     ensemble.check_members(model, x[idx[:1]], y[idx[:1]])  # a member that cannot run fails here, before the work
-    parts = [slice(i, i+bs) for i in range(0, len(idx), bs)]
-    clean = torch.cat([ensemble.attack.measure_map(model, x[idx[s]], y[idx[s]]) for s in parts])
+    clean = torch.cat([ensemble.attack.measure_map(model, x[idx[i:i+bs]], y[idx[i:i+bs]]) for i in range(0, len(idx), bs)])
     target = target_maps(ensemble, model, x, y, idx, clean) if ensemble.targeted else None
-    rec = EnsembleRecord.cat([ensemble(model, x[idx[s]], y[idx[s]], clean_map=clean[s], target_map=None if target is None else target[s])
-                              for s in parts])
+    position = {int(i): p for p,i in enumerate(idx)}
+    def batch(j): # the images' indices: also the keys of their random draws
+        p = torch.tensor([position[int(i)] for i in j])
+        rec = ensemble(model, x[j], y[j], clean_map=clean[p], target_map=None if target is None else target[p], keys=j)
+        return {f.name: getattr(rec, f.name) for f in fields(rec)}
+    with (ImageBatches() if run is None else contextlib.nullcontext(run)) as r:
+        rec = EnsembleRecord.cat([EnsembleRecord(**o) for o in r.map(batch, idx, bs, part, 'ensemble')])
     res = dict(record=rec, idx=idx, tried=tried, constant_maps=int(rec.constant.sum()), seconds=time.time() - start)
     warn_constant_maps(res | dict(n=len(idx)))
     return res

@@ -180,7 +180,11 @@ def report(table, # a `results_frame`
 
 
 # %% ../nbs/12_cli.ipynb #2df88663
-@checked(n=at_least(1), bs=at_least(1), eps=positive, out=output_file, model=checkpoint, reference=checkpoint,
+def _rank():
+    "This process's rank under a launcher (0 without one)."
+    return int(os.environ.get('RANK', '0'))
+
+@checked(n=at_least(1), bs=at_least(1), procs=at_least(1), eps=positive, out=output_file, model=checkpoint, reference=checkpoint,
          variant=one_of(('quick', 'full')), split=one_of(('train', 'valid', 'test')), data=one_of('data'))
 def evaluate_saved(model, # a saved model (written by robust_attr train or `save_model`)
                    data:str|None=None, # data set, None for the one the model was trained on
@@ -188,34 +192,54 @@ def evaluate_saved(model, # a saved model (written by robust_attr train or `save
                    variant:str='quick', # protocol variant: same rules, 'quick' with smaller sizes
                    n:int|None=None, # evaluate attributions on the first n correct samples
                    split:str='test', # which split to evaluate on
-                   out=None, # write the JSON result here
+                   out=None, # write the JSON result here (and, while the run lasts, its finished batches beside it: r.json → r.state.jsonl)
                    reference=None, # a saved model whose maps are "true" (AA-metrics)
                    path=None, # data directory
-                   bs:int=128, # attack batch size
+                   bs:int=128, # attack batch size; it fixes the batches, so a resumed or split run needs the same
                    progress:bool|None=None, # progress bars, else plain lines; None for bars on a terminal only
+                   resume:bool=False, # continue an interrupted run with the same settings from the batches saved beside --out
+                   procs:int=1, # worker processes to split the images among (torch's launcher, one thread each)
                    **overrides): # other protocol settings (e.g. `ifia_steps=20`) and evaluation options (`aa_n`, `seed`)
     "Evaluate a saved model with its data set's protocol, by default on the data set and at the ε it was trained for; print the table, return the result (and write it to `out`)."
+    if resume and out is None: raise ValueError("--resume needs --out: the finished batches are saved beside it")
+    if procs > 1: return _in_workers(procs, 'evaluate', evaluate_saved, locals())
     from robust_attr.data import get_arrays
     from robust_attr.models import load_model
     from robust_attr.evaluate import evaluate, results_frame, protocol_for, get_protocol, check_evaluation, Protocol
+    from robust_attr.runs import atomic_write_text
+    from robust_attr.shards import join_launch, state_path
     m = load_model(model)
     data, eps = evaluation_target(m, data, eps)
     ref = load_model(reference) if reference else None
     fields = {f.name for f in dataclasses.fields(Protocol)}
-    _check_settings(overrides, fields | set(inspect.signature(evaluate).parameters) - {'model', 'x', 'y', 'protocol', 'overrides'})
+    _check_settings(overrides, fields | set(inspect.signature(evaluate).parameters) - {'model', 'x', 'y', 'protocol', 'overrides', 'state'})
     p = get_protocol(protocol_for(data), variant, **{k: v for k,v in overrides.items() if k in fields}, **({} if eps is None else dict(eps=eps)))
     x, y = get_arrays(data, split, path=path)
     check_evaluation(m, x, y, p)
     _work_starts()
-    print(f"evaluating {model} on the {split} split of {data}", flush=True)
-    res = evaluate(m, x, y, p, variant=variant, n=n, reference=ref, bs=bs, progress=_bars(progress),
-                   **{k: v for k,v in overrides.items() if k not in fields})
+    join_launch()  # under torchrun, accelerate launch or --procs: the batches are split among the processes
+    if not _rank(): print(f"evaluating {model} on the {split} split of {data}", flush=True)
+    res = evaluate(m, x, y, p, variant=variant, n=n, reference=ref, bs=bs, progress=_bars(progress) and not _rank(),
+                   state=None if out is None else state_path(out), resume=resume, **{k: v for k,v in overrides.items() if k not in fields})
     res.update(model_path=str(model), data=data, split=split, meta=m.meta)
+    if _rank(): return res
     print(report(results_frame(res, Path(model).stem), res['protocol']))
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(res, indent=1))
+    if out is not None: atomic_write_text(out, json.dumps(res, indent=1))
     return res
+
+# %% ../nbs/12_cli.ipynb #bc0f5abf
+def _in_workers(procs:int, # worker processes
+                command:str, fn, # the command and its function
+                values:dict): # its arguments by name
+    "Run `command` with `values` in `procs` workers started by torch's launcher; return rank 0's result, read back from its output."
+    import tempfile
+    from robust_attr.shards import launch_command
+    if not isinstance(values['model'], (str, os.PathLike)): raise TypeError("`procs` needs the path of a saved model (the workers load it)")
+    _work_starts()
+    with tempfile.TemporaryDirectory() as d:
+        out = values['out'] or Path(d)/'result.json'
+        launch_command(procs, command, fn, values | dict(out=out))
+        return json.loads(Path(out).read_text())
 
 # %% ../nbs/12_cli.ipynb #1b11b6de
 DEMO_PROTOCOL = dict(ifia_steps=12, ig_steps=16, attack_ig_steps=4, pgd_steps=10)  # the evaluation's sizes (digits protocol, shrunk)
@@ -397,7 +421,7 @@ def main(argv=None): # arguments (default: `sys.argv[1:]`)
         return _run(argv)
 
 def _run(argv):
-    "Parse `argv`, call the command's function by keyword, report a user error in one line."
+    "Parse `argv`, call the command's function by keyword, report a user error or a stop in one line; return the exit status."
     parser = _parser()
     args = vars(parser.parse_args(argv))
     name = args.pop('command')
@@ -413,10 +437,15 @@ def _run(argv):
         _leave_process_group()
         return e.exit_status
     except (ValueError, TypeError, FileNotFoundError) as e:
-        if _working.get(): raise
-        parser.exit(2, f"{prog}: error: {_one_line(e)}\n")
-    finally: _working.reset(token)
-    _leave_process_group()
+        if _working.get() and not hasattr(e, 'exit_status'): raise   # a user's error found during the work says so (`shards.StateError`)
+        parser.exit(2, None if _rank() else f"{prog}: error: {_one_line(e)}\n")
+    except Exception as e:   # a stop a signal asked for (`runs.Interrupted`), a failed worker: one line and their exit status
+        if not hasattr(e, 'exit_status'): raise
+        if not _rank(): print(f"{prog}: {_one_line(e)}", file=sys.stderr)
+        return e.exit_status
+    finally:
+        _working.reset(token)
+        _leave_process_group()
     return 0
 
 def _leave_process_group():
@@ -432,3 +461,7 @@ def _warning_line(prog, show, message, category, filename, lineno, file=None, li
     if not Path(filename).resolve().is_relative_to(Path(robust_attr.__file__).resolve().parent):
         return show(message, category, filename, lineno, file, line)
     print(f"{prog}: warning: {_one_line(message)}", file=sys.stderr if file is None else file)
+
+# %% ../nbs/12_cli.ipynb #c50fb3d1
+#| eval: false
+if __name__ == '__main__': sys.exit(main())   # `python -m robust_attr.cli`, e.g. under `torchrun -m`

@@ -16,8 +16,9 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['NORMS', 'BOX', 'CHANNEL_REDUCTIONS', 'CAN_FOLLOW_CHECKPOINTS', 'check_choice', 'check_number', 'check_tensor',
            'check_images', 'check_targets', 'check_logits', 'check_same_shape', 'as_batch', 'per_sample_norm',
-           'clamp_box', 'project_linf', 'project_l2', 'project', 'normalize_step', 'random_start', 'ThreatModel',
-           'reduce_channels', 'recompute_state', 'eval_mode', 'model_device', 'is_compiled', 'check_model']
+           'clamp_box', 'project_linf', 'project_l2', 'project', 'normalize_step', 'image_seed', 'ImageGenerators',
+           'random_start', 'ThreatModel', 'reduce_channels', 'recompute_state', 'eval_mode', 'model_device',
+           'is_compiled', 'check_model']
 
 # %% ../nbs/00_core.ipynb #24dae6a2
 NORMS = ('linf', 'l2')
@@ -169,22 +170,59 @@ def normalize_step(g:Tensor, # gradient batch
     if norm=='linf': return g.sign()
     return g / as_batch(per_sample_norm(g), g).clamp_min(1e-12)
 
+# %% ../nbs/00_core.ipynb #4bb23c1a
+def image_seed(seed:int, # the run's seed
+               key:int): # the image's key, e.g. its index in the data set
+    "A 64-bit seed for one image, mixed from `(seed, key)` by numpy's `SeedSequence` (distinct pairs: independent streams)."
+    import numpy as np
+    return int(np.random.SeedSequence([seed, key]).generate_state(1, np.uint64)[0])
+
+class ImageGenerators:
+    "One random generator per image, seeded from `(seed, key)`: an image's draws depend on its key alone, not on its batch."
+    def __init__(self, seed:int, # the run's seed
+                 keys, # one integer ≥ 0 per image, e.g. its index in the data set
+                 device='cpu'): # the device of the draws
+        check_number(seed, 'seed', min=0, integer=True)
+        keys = torch.as_tensor(keys)
+        if keys.dim() != 1 or keys.is_floating_point() or (keys < 0).any():
+            raise ValueError(f"`keys` must be a 1-d sequence of integers >= 0, got {keys.tolist()}")
+        self.generators = [torch.Generator(device).manual_seed(image_seed(seed, k)) for k in keys.tolist()]
+
+    def __len__(self): return len(self.generators)
+    def __getitem__(self, rows): # indices of images in the batch
+        "The generators of `rows`, sharing their state (a draw from the selection advances these images' streams)."
+        sub = object.__new__(type(self))
+        sub.generators = [self.generators[i] for i in torch.as_tensor(rows).flatten().tolist()]
+        return sub
+
+    def draw(self, fn, # a torch sampler taking `(shape, generator=..., **kwargs)`, e.g. `torch.rand`
+             shape, # the shape of one image's draw
+             **kwargs): # `device`, `dtype`
+        "`fn(shape)` for every image from its own generator, stacked: `(len(self), *shape)`."
+        return torch.stack([fn(shape, generator=g, **kwargs) for g in self.generators])
+
+def _random(fn, shape, generator, like:Tensor):
+    "`fn(shape)` on `like`'s device and dtype from `generator`: one generator, None (torch's), or `ImageGenerators` (one per row)."
+    if not isinstance(generator, ImageGenerators): return fn(shape, generator=generator, device=like.device, dtype=like.dtype)
+    if len(generator) != shape[0]: raise ValueError(f"`generator` holds {len(generator)} image generators for a batch of {shape[0]}")
+    return generator.draw(fn, shape[1:], device=like.device, dtype=like.dtype)
+
 # %% ../nbs/00_core.ipynb #800559de
 def random_start(x:Tensor, # clean batch
                  eps, # radius: a number or a `(B,)` tensor
                  norm:str='linf', # 'linf' or 'l2'
                  box=BOX, # data box, or None
-                 generator:torch.Generator|None=None): # random generator for reproducible starts
+                 generator:torch.Generator|ImageGenerators|None=None): # random generator for reproducible starts, or one per image
     "A uniformly random point of the `norm` ball around `x`, clamped into the box."
     check_choice(norm, NORMS, 'norm')
     eps_b = as_batch(eps, x)
     if norm=='linf':
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        u = _random(torch.rand, x.shape, generator, x)
         delta = (2*u - 1) * eps_b
     else:
-        d = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        d = _random(torch.randn, x.shape, generator, x)
         d = d / as_batch(per_sample_norm(d), x).clamp_min(1e-12)
-        r = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype) ** (1/x[0].numel())
+        r = _random(torch.rand, x.shape[:1], generator, x) ** (1/x[0].numel())
         delta = d * as_batch(r, x) * eps_b
     xr = x + delta
     return xr if box is None else clamp_box(xr, box)

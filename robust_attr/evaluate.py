@@ -4,17 +4,17 @@
 
 # %% ../nbs/09_evaluate.ipynb #a4571f6d
 from __future__ import annotations
-import time, dataclasses, warnings
+import contextlib, time, dataclasses, functools, warnings
 from dataclasses import dataclass, asdict, fields
 import torch
 import torch.nn as nn
 from torch import Tensor
-from fastprogress.fastprogress import progress_bar
 from .core import *
 from .attacks import PGD, IFIA, unwrap_model, check_precision
 from .attribution import get_attribution
 from .metrics import topk_intersection, kendall_tau, spearman, aa_topk, aa_kendall, aa_spearman, check_k
 from .localize import localization_metrics, LOCALIZATION_COLUMNS
+from .shards import ImageBatches, cat_batches, fingerprint
 
 # %% auto #0
 __all__ = ['SAMPLES', 'PROTOCOLS', 'NEVER_MOVED_WARNING', 'SUMMARY_COLUMNS', 'Protocol', 'protocol_for', 'threat_model_for',
@@ -145,25 +145,20 @@ def protocol_attacks(p:Protocol, # the protocol
     return pgd, ifia
 
 # %% ../nbs/09_evaluate.ipynb #7832bd1a
-def _batches(n, bs, progress, desc=''):
-    starts = range(0, n, bs)
-    if not progress: return starts
-    pb = progress_bar(starts, leave=False)
-    pb.comment = desc
-    return pb
-
 def _predict(model, x, bs):
     "Predicted classes of `x`, batched, without gradients."
     with torch.no_grad(), eval_mode(model):
         return torch.cat([check_logits(model(x[i:i+bs]), len(x[i:i+bs])).argmax(1) for i in range(0, len(x), bs)])
 
-def robust_accuracy(model, x, y, pgd, bs:int=256, progress:bool=False):
-    "Accuracy under `pgd` (misclassified clean samples count as errors and are not attacked)."
+def robust_accuracy(model, x, y, pgd, bs:int=256, progress:bool=False,
+                    run:ImageBatches|None=None): # the batches' runner (split over processes, saved, resumed); None: here, nothing saved
+    "Accuracy under `pgd` (misclassified clean samples count as errors and are not attacked); each image's random start is seeded by its index in `x`."
     correct = _predict(model, x, bs) == y
     idx = correct.nonzero().squeeze(1)
-    for i in _batches(len(idx), bs, progress, 'PGD'):
-        j = idx[i:i+bs]
-        correct[j] = _predict(model, pgd(model, x[j], y[j]), bs) == y[j]
+    def attack(j): return dict(robust=_predict(model, pgd(model, x[j], y[j], keys=j), bs) == y[j])
+    with (ImageBatches(progress=progress) if run is None else contextlib.nullcontext(run)) as r:
+        out = cat_batches(r.map(attack, idx, bs, 'AA', 'PGD'))
+    if len(idx): correct[idx] = out['robust'].to(correct.device)
     return correct
 
 # %% ../nbs/09_evaluate.ipynb #0a1e4046
@@ -264,6 +259,24 @@ def warn_constant_maps(res:dict): # a result of `evaluate`
                       "keep, their IN and CO are undefined (NaN) and left out of the means", UserWarning, stacklevel=2)
 
 # %% ../nbs/09_evaluate.ipynb #e442639b
+def _attack_batch(model, x, y, ifia:IFIA, k:int, reference, # what `evaluate` attacks with
+                  j:Tensor): # the images of the batch (indices into `x`, also the keys of their seeds)
+    "IFIA on the images `j`: per image IN, CO, Spearman, the attack's record, whether the clean map is constant, the AA-metrics."
+    clean = ifia.measure_map(model, x[j], y[j])
+    xa, rec = ifia(model, x[j], y[j], return_record=True, clean_map=clean, keys=j)
+    adv = ifia.measure_map(model, xa, y[j])
+    out = dict(IN=topk_intersection(clean, adv, k), CO=kendall_tau(clean, adv), spearman=spearman(clean, adv), moved=rec.moved,
+               steps=rec.steps, flat=rec.flat, constant=constant_map(clean))
+    if reference is not None:
+        ref = ifia.measure_map(reference, x[j], y[j])
+        out.update(AA_topk=aa_topk(ref, clean, adv, k), AA_kendall=aa_kendall(ref, clean, adv), AA_spearman=aa_spearman(ref, clean, adv))
+    return out
+
+def _run_settings(p:Protocol, model, reference, x, y, **options):
+    "What decides an evaluation's numbers, for its state: the protocol, the options, fingerprints of the models and the data."
+    return dict(protocol=p.record(), **options, model=fingerprint(model), data=fingerprint(x, y),
+                reference=None if reference is None else fingerprint(reference))
+
 def evaluate(model:nn.Module, # the classifier, taking [0,1] inputs
              x:Tensor, y:Tensor, # the evaluation set: images in [0,1] and labels
              protocol='fashion_mnist', # a `PROTOCOLS` name or a `Protocol`
@@ -274,10 +287,12 @@ def evaluate(model:nn.Module, # the classifier, taking [0,1] inputs
              aa_n:int|None=None, # AA on the first aa_n samples only (None: all)
              localization:bool|dict=False, # add `localize.localization_metrics` (a dict: its options, e.g. `threshold`)
              masks:Tensor|None=None, boxes:Tensor|None=None, # object masks / boxes of `x`, for `localization`
-             bs:int=128, # batch size of the attacks
-             seed:int|None=0, # seed of the random starts
+             bs:int=128, # batch size of the attacks (it fixes the batches: results equal image by image need the same)
+             seed:int|None=0, # seed of the random starts (each image's: `seed` and its index in `x`)
              progress:bool=True, # show progress bars
              internal_batch_size:int|None=256, # rows per IG pass inside IFIA: bounds memory; a few hundred suit CPU caches
+             state=None, # a file that keeps each finished batch, so that an interrupted evaluation can resume (removed at the end)
+             resume:bool=False, # continue the evaluation saved in `state` (with the same settings)
              **overrides): # any `Protocol` setting
     "Evaluate `model` on `(x, y)` under `protocol`: NA, AA, IN, CO, Spearman, AA-metrics, counts, settings, time."
     start = time.time()
@@ -285,34 +300,25 @@ def evaluate(model:nn.Module, # the classifier, taking [0,1] inputs
     bs = check_number(bs, 'bs', min=1, integer=True)
     if aa_n is not None: aa_n = check_number(aa_n, 'aa_n', min=1, integer=True)
     if seed is not None: check_number(seed, 'seed', min=0, integer=True)
+    if resume and state is None: raise ValueError("`resume` needs `state`, the file the interrupted evaluation saved its batches in")
     model = unwrap_model(model)
     y = check_evaluation(model, x, y, p)
-    if reference is not None: check_model(unwrap_model(reference), x, 'reference')
+    if reference is not None: reference = unwrap_model(reference); check_model(reference, x, 'reference')
     warn_other_threat(model, p)
     idx, tried = evaluation_sample(model, x, y, p.n, p.sample, bs)
     if not len(idx): warnings.warn(f"the model classifies none of the {len(x)} samples correctly: IN and CO, measured on correctly "
                                    "classified samples only, are undefined (NaN)", UserWarning, stacklevel=2)
     pgd, ifia = protocol_attacks(p, seed, internal_batch_size)
     res = dict(model=type(model).__name__, NA=(_predict(model, x, bs) == y).float().mean().item())
-    if aa: res['AA'] = robust_accuracy(model, x[:aa_n], y[:aa_n], pgd, bs, progress).float().mean().item()
     if localization: res |= localization_metrics(model, x, y, masks, boxes, bs=bs, **(localization if isinstance(localization, dict) else {}))
-    per = {k: [] for k in ('IN', 'CO', 'spearman', 'moved', 'steps', 'flat', 'constant') + (('AA_topk', 'AA_kendall', 'AA_spearman') if reference is not None else ())}
-    for i in _batches(len(idx), bs, progress, 'IFIA'):
-        j = idx[i:i+bs]
-        clean = ifia.measure_map(model, x[j], y[j])
-        xa, rec = ifia(model, x[j], y[j], return_record=True, clean_map=clean)
-        adv = ifia.measure_map(model, xa, y[j])
-        per['IN'].append(topk_intersection(clean, adv, p.k)); per['CO'].append(kendall_tau(clean, adv))
-        per['spearman'].append(spearman(clean, adv)); per['moved'].append(rec.moved); per['steps'].append(rec.steps)
-        per['flat'].append(rec.flat); per['constant'].append(constant_map(clean))
-        if reference is not None:
-            ref = ifia.measure_map(unwrap_model(reference), x[j], y[j])
-            per['AA_topk'].append(aa_topk(ref, clean, adv, p.k))
-            per['AA_kendall'].append(aa_kendall(ref, clean, adv)); per['AA_spearman'].append(aa_spearman(ref, clean, adv))
-    per = {k: (torch.cat(v).cpu() if v else torch.zeros(0)) for k,v in per.items()}
+    settings = None if state is None else _run_settings(p, model, reference, x, y, bs=bs, seed=seed, aa=aa, aa_n=aa_n)
+    with ImageBatches(state, settings, resume, progress) as run:
+        if aa: res['AA'] = robust_accuracy(model, x[:aa_n], y[:aa_n], pgd, bs, run=run).float().mean().item()
+        per = cat_batches(run.map(functools.partial(_attack_batch, model, x, y, ifia, p.k, reference), idx, bs, 'IFIA', 'IFIA'))
+    metrics = ('IN', 'CO', 'spearman') + (('AA_topk', 'AA_kendall', 'AA_spearman') if reference is not None else ())
+    per = per or {k: torch.zeros(0) for k in metrics + ('moved', 'steps', 'flat', 'constant')}
     constant = per.pop('constant').bool()
-    for k in ('IN', 'CO', 'spearman', 'AA_topk', 'AA_kendall', 'AA_spearman'):
-        if k not in per: continue
+    for k in metrics:
         per[k] = per[k].float().masked_fill(constant, float('nan'))   # a constant clean map has no ranking to keep
         res[k] = per[k].nanmean().item() if (~constant).any() else float('nan')
     res.update(n=len(idx), tried=tried, skipped_misclassified=tried-len(idx), never_moved=int((~per.pop('moved').bool()).sum()),

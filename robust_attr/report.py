@@ -4,12 +4,13 @@
 
 # %% ../nbs/15_report.ipynb #fddb96d7
 from __future__ import annotations
-import base64, dataclasses, hashlib, html, io, json, platform, time
+import base64, dataclasses, hashlib, html, io, json, os, platform, time
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['OBJECTIVES', 'CERTIFY', 'ART_N', 'file_sha256', 'checkpoint_record', 'environment', 'member_settings', 'audit',
-           'mean_interval', 'paired_difference', 'verdict', 'png_data_uri', 'worst_figure', 'audit_html', 'audit_saved']
+__all__ = ['OBJECTIVES', 'CERTIFY', 'ART_N', 'file_sha256', 'checkpoint_record', 'environment', 'member_settings', 'numbers_path',
+           'write_audit', 'audit', 'mean_interval', 'paired_difference', 'verdict', 'png_data_uri', 'worst_figure',
+           'audit_html', 'audit_saved']
 
 # %% ../nbs/15_report.ipynb #b0719b4a
 def file_sha256(path): # a file
@@ -75,7 +76,7 @@ def _per_image(rec):
     return dict(per_image={k: v.tolist() for k,v in dict(IN=rec.IN, CO=rec.CO, **rec.lens).items()},
                 noise={k: v.tolist() for k,v in rec.noise.items()})
 
-def _reference(model, x, y, ens, bs:int):
+def _reference(model, x, y, ens, bs:int, run=None):
     "The ensemble on the images of `x` that the reference `model` classifies correctly too (all of them if it does)."
     from robust_attr.audit import audit_attacks, ensemble_table
     from robust_attr.evaluate import evaluation_sample
@@ -83,7 +84,7 @@ def _reference(model, x, y, ens, bs:int):
     pos, _ = evaluation_sample(model, x, y, None, 'first', bs)
     out.update(positions=pos.tolist(), n=len(pos), misclassified=len(x) - len(pos))
     if not len(pos): return out
-    res = audit_attacks(model, x[pos], y[pos], ens, n=None, sample='first', bs=bs)
+    res = audit_attacks(model, x[pos], y[pos], ens, n=None, sample='first', bs=bs, run=run, part='reference')
     return out | dict(table=ensemble_table(res), skipped_members=res['record'].skipped, **_per_image(res['record']))
 
 def _not_requested(opts, reference, source, corruptions, maps):
@@ -93,6 +94,21 @@ def _not_requested(opts, reference, source, corruptions, maps):
                                                ('the accuracy under a transfer attack', source is not None, '--source'),
                                                ('the accuracy under common corruptions', corruptions is not None, '--corruptions'),
                                                ('the robustness of other attribution maps', maps, '--maps')) if not asked}
+
+def numbers_path(out): # the HTML report's path
+    "Where `write_audit` puts the audit's numbers: beside the report, with `.json` for its suffix."
+    out = Path(out)
+    return out.with_suffix('.result.json' if out.suffix == '.json' else '.json')
+
+def write_audit(result:dict, # what `audit` returns
+                out): # the HTML report's path
+    "Write the report to `out` and its numbers (the result less its figures) to `numbers_path(out)`, each atomically; rank 0 alone."
+    from robust_attr.shards import rank_and_world
+    from robust_attr.runs import atomic_write_text
+    if rank_and_world()[0]: return
+    out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(numbers_path(out), json.dumps({k: v for k,v in result.items() if k != 'figures'}, indent=1))
+    atomic_write_text(out, audit_html(result))
 
 def audit(model, # the classifier, taking [0,1] inputs
           x, y, # the evaluation set: images and labels
@@ -107,14 +123,17 @@ def audit(model, # the classifier, taking [0,1] inputs
           maps:bool=False, # add the robustness of saliency, input×gradient, SmoothGrad, GradientSHAP maps (ART Table 4)
           out=None, # write the HTML report here
           bs:int=100, # images per attack batch
-          seed:int=0, # seed of the random starts, the noise and the certificate
+          seed:int=0, # seed of the random starts, the noise and the certificate (each image's: `seed` and its index in `x`)
+          state=None, # a file that keeps each finished batch of the ensemble, so that a stopped audit can resume (removed at the end)
+          resume:bool=False, # continue the audit saved in `state` (with the same settings)
           **overrides): # any `Protocol` setting
-    "Audit `model`'s explanations: the ensemble's worst case beside the protocol's IFIA, random noise and a reference model, LENS measures, the certificate; returns the result (and writes the report to `out`)."
+    "Audit `model`'s explanations: the ensemble's worst case beside the protocol's IFIA, random noise and a reference model, LENS measures, the certificate; returns the result (and writes the report to `out`, its numbers beside it: `write_audit`)."
     import torch
     from robust_attr.evaluate import get_protocol, protocol_attacks, warn_other_threat, class_counts
     from robust_attr.audit import EnsembleAttack, audit_attacks, ensemble_table, ENSEMBLE
     from robust_attr.attacks import unwrap_model
     from robust_attr.core import model_device
+    from robust_attr.shards import ImageBatches, fingerprint
     start, model = time.time(), unwrap_model(model)
     p = get_protocol(protocol, variant, n=n, **overrides)
     opts = _check_certify(certify, p.k, x)
@@ -126,7 +145,12 @@ def audit(model, # the classifier, taking [0,1] inputs
     if reference is not None: reference = unwrap_model(reference)
     for m in (model, reference):
         if m is not None: warn_other_threat(m, p)
-    res = audit_attacks(model, x, y, ens, n=p.n, sample=p.sample, bs=bs)
+    settings = None if state is None else dict(protocol=p.record(), members=list(ens.members), restarts=ens.restarts, noise_draws=ens.noise_draws,
+                                               seed=seed, bs=bs, model=fingerprint(model), data=fingerprint(x, y),
+                                               reference=None if reference is None else fingerprint(reference))
+    with ImageBatches(state, settings, resume) as run:
+        res = audit_attacks(model, x, y, ens, n=p.n, sample=p.sample, bs=bs, run=run)
+        ref = None if reference is None else _reference(reference, x[res['idx']], y[res['idx']], ens, bs, run)
     rec, idx = res['record'], res['idx']
     result = dict(model=type(model).__name__, meta=getattr(model, 'meta', None), protocol=p.record(), norm=ens.attack.norm, seed=seed,
                   members={n: member_settings(a) for n,a in ens.members.items()}, restarts=ens.restarts, noise_draws=ens.noise_draws,
@@ -135,12 +159,12 @@ def audit(model, # the classifier, taking [0,1] inputs
                   found_by=rec.found_by, found_by_IN=rec.found_by_IN, **_per_image(rec),
                   per_member={m: {k: v.float().tolist() for k,v in d.items() if k in ('IN', 'CO')} for m,d in rec.members.items()},
                   not_requested=_not_requested(opts, reference, source, corruptions, maps), environment=environment(model_device(model)))
-    if reference is not None: result['reference'] = _reference(reference, x[idx], y[idx], ens, bs)
+    if ref is not None: result['reference'] = ref
     if opts is not None: result['certificate'] = _certificate(model, x[idx], y[idx], p.k, opts, seed)
     result.update(_art(model, x, y, p, source, corruptions, maps, bs, seed))
     result['seconds'] = time.time() - start
     result['figures'] = _figures(model, x[idx], y[idx], rec, ens, result)
-    if out is not None: out.write_text(audit_html(result))
+    if out is not None: write_audit(result, out)
     return result
 
 # %% ../nbs/15_report.ipynb #171a9563
@@ -504,10 +528,12 @@ def audit_saved(model, # a saved model (written by robust_attr train or `save_mo
                 path=None, # data directory
                 bs:int=100, # attack batch size
                 seed:int=0, # seed of the random starts, the noise and the certificate
+                resume:bool=False, # continue an interrupted audit with the same settings from the batches saved beside --out
+                procs:int=1, # worker processes to split the images among (torch's launcher, one thread each; they write the report)
                 **overrides): # other protocol settings (e.g. `ifia_steps=20`)
     "Audit a saved model's explanations — the ensemble attack, the noise baseline, LENS measures, the certificate on request — into one HTML report; print its table and verdict."
     from robust_attr.options import at_least, positive, one_of, output_file, checkpoint, evaluation_target, _check_settings, _work_starts
-    for name, check, v in (('--n', at_least(1), n), ('--bs', at_least(1), bs), ('--seed', at_least(0), seed), ('--out', output_file, out),
+    for name, check, v in (('--n', at_least(1), n), ('--bs', at_least(1), bs), ('--seed', at_least(0), seed), ('--out', output_file, out), ('--procs', at_least(1), procs),
                            ('--variant', one_of(('quick', 'full')), variant), ('--split', one_of(('train', 'valid', 'test')), split)):
         check(name, v)
     if eps is not None: positive('--eps', eps)
@@ -515,6 +541,8 @@ def audit_saved(model, # a saved model (written by robust_attr train or `save_mo
     checkpoint('--model', model)
     for name, other in (('--reference', reference), ('--source', source)):
         if other is not None: checkpoint(name, other)
+    from robust_attr.shards import launch_command, join_launch, state_path
+    if procs > 1: _work_starts(); return launch_command(procs, 'audit', audit_saved, locals())   # the workers write the report
     from robust_attr.data import get_arrays
     from robust_attr.models import load_model
     from robust_attr.evaluate import Protocol, protocol_for, check_evaluation, get_protocol
@@ -529,12 +557,13 @@ def audit_saved(model, # a saved model (written by robust_attr train or `save_mo
     if certify: _check_certify(True, p.k, x)
     files = dict(checkpoint=checkpoint_record(model), reference=None if reference is None else checkpoint_record(reference))
     _work_starts()
-    print(f"auditing {model} on the {split} split of {data}", flush=True)
+    rank0 = not (join_launch() and int(os.environ.get('RANK', '0')))   # under a launcher, the ensemble's batches are split among the processes
+    if rank0: print(f"auditing {model} on the {split} split of {data}", flush=True)
     res = audit(m, x, y, p, variant, n, reference=ref, certify=bool(certify), source=load_model(source) if source else None,
-                corruptions=corruptions, maps=maps, bs=bs, seed=seed)
+                corruptions=corruptions, maps=maps, bs=bs, seed=seed, state=state_path(out), resume=resume)
     res.update(checkpoint=files['checkpoint'], data=data, split=split)
     if ref is not None: res['reference']['checkpoint'] = files['reference']
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(audit_html(res))
-    print(format_table(res['table']), '', verdict(res), f"\nreport: {out}", sep='\n')
+    write_audit(res, out)
+    if rank0:
+        print(format_table(res['table']), '', verdict(res), f"\nreport: {out} (numbers: {numbers_path(out)})", sep='\n')
     return res
