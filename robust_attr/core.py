@@ -378,6 +378,10 @@ def _train_mode(model:nn.Module):
     finally:
         for m,t in modes: m.train(t)
 
+def _rng_kept(device:torch.device):
+    "Context: the global random generators of the CPU and of `device` as they were, on exit."
+    return torch.random.fork_rng(devices=[] if device.type == 'cpu' else [device], device_type='cuda' if device.type == 'cpu' else device.type)
+
 def check_model(model, # the classifier
                 x:Tensor, # a batch it will be run on
                 name:str='model', # argument name used in the error
@@ -388,8 +392,10 @@ def check_model(model, # the classifier
         raise ValueError(f"`{name}` is torch.compile'd: robust_attr differentiates it twice through its own forward, which needs "
                          f"torch>=2.6 (torch.compiler.set_stance); pass `{name}._orig_mod` instead")
     n_classes = _check_output(model, x[:1], eval_mode, f'`{name}` output', name)
-    if train: _check_output(model, x[:2] if len(x) > 1 else x[:1].repeat(2, *[1]*(x.dim()-1)), _train_mode,
-                            f'`{name}` output in train mode (a tensor in eval mode)', name)
+    if train:
+        with _rng_kept(x.device):  # dropout draws from the global generators: the check must not move the training's draws
+            _check_output(model, x[:2] if len(x) > 1 else x[:1].repeat(2, *[1]*(x.dim()-1)), _train_mode,
+                          f'`{name}` output in train mode (a tensor in eval mode)', name)
     return n_classes
 
 def _check_output(model, x, mode, what, name):
