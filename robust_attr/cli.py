@@ -146,7 +146,7 @@ LEGEND = dict(
     AA_kendall="Kendall's τ measured against the reference model's map (higher = more robust)",
     AA_spearman="Spearman's correlation measured against the reference model's map (higher = more robust)",
     never_moved='attacked images the attack could not change at all: they score IN = CO = 1 for free (lower = more trustworthy IN and CO)',
-    n='images whose maps were attacked: the first correctly classified ones',
+    n="images whose maps were attacked: the first correctly classified ones, the classes taken in turn (the protocol's sample)",
     tried='images looked at to find those n',
     skipped_misclassified='of those, misclassified ones skipped (a map is only attacked where the prediction is right)',
     flat_starts='attacked images where the attack met a zero gradient and restarted from a random point in the ball (lower = cleaner attack)',
@@ -170,7 +170,8 @@ def protocol_lines(p): # a `Protocol`, or the dict of a result's 'protocol'
             f"  IG points: {p['ig_steps']} for the measured maps, {p['attack_ig_steps']} inside the attack"
             + (f"; measured map: {p['measure']}" if p.get('measure') else ''),
             f"  PGD for AA: {p['pgd_steps']} steps × {p['pgd_step_size']:g}",
-            f"  images: the first {p['n']} correctly classified" if p['n'] else "  images: every correctly classified one"]
+            (f"  images: the first {p['n']} correctly classified" if p['n'] else "  images: every correctly classified one")
+            + (", the classes in turn" if p.get('sample', 'balanced') == 'balanced' else ", in the data set's order")]
 
 def report(table, # a `results_frame`
            protocol): # its protocol
