@@ -34,7 +34,7 @@ def main(png='nbs/images/fragile_vs_robust.png', md='bench/results/readme_figure
     start = time.time()
     models, robust = train_models(seed, nat_epochs, robust_epochs)
     x, y = get_arrays('digits', 'valid', seed=seed)
-    idx = correct_by_all(models, x, y, n)  # the first n validation digits every model classifies correctly
+    idx = correct_by_all(models, x, y, n)  # the first n validation digits every model classifies correctly, the classes in turn
     p = get_protocol('digits', 'quick')
     _, ifia = protocol_attacks(p, seed)
     outcomes = {name: attack_outcome(m, x[idx], y[idx], ifia, k=p.k) for name,m in models.items()}
@@ -51,7 +51,7 @@ def main(png='nbs/images/fragile_vs_robust.png', md='bench/results/readme_figure
         f'Models: Nat ({nat_epochs} epochs), AAT (λ=1) and AdvAAT (λ=0.5) fine-tuned from it for {robust_epochs} epochs '
         f'with {robust}, on scikit-learn digits (28×28). Attack: IFIA of the `digits` protocol, quick variant ({p}).', '',
         f'The picture shows validation digit {idx[0].item()}: the first one all three models classify correctly. '
-        f'Means are over the first {len(idx)} such digits.', '',
+        f'Means are over the first {len(idx)} such digits, the classes taken in turn (per class: {torch.bincount(y[idx], minlength=10).tolist()}).', '',
         '| model | validation accuracy | mean IN | mean CO | IN (shown digit) | CO (shown digit) |', '|---|---|---|---|---|---|',
         *rows, '', f'{time.time()-start:.0f} s; load average at the end: {os.getloadavg()[0]:.1f} (2 cores).', '']))
     print(Path(md).read_text())
