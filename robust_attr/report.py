@@ -323,7 +323,7 @@ h1{font-size:1.5em;margin:.2em 0 0} h2{font-size:1.12em;margin:1.1em 0 .35em;pad
 dl.kv{display:grid;grid-template-columns:max-content 1fr;gap:1px 1em;margin:.3em 0} dl.kv dt{color:#555} dl.kv dd{margin:0;min-width:0;overflow-wrap:anywhere}
 ul{margin:.3em 0;padding-left:1.2em} code,.hash{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:88%} li code{white-space:nowrap}
 table{border-collapse:collapse;margin:.4em 0;font-size:13px} td,th{border:1px solid #ccc;padding:2px 6px;white-space:nowrap;text-align:right}
-th{background:#eef0f3;font-weight:600} td.l,th.l{text-align:left} tr.ensemble td{font-weight:600;background:#f6f6ee} tr.noise td{color:#555}
+th{background:#eef0f3;font-weight:600} td.l,th.l{text-align:left} table.results{font-size:12px} table.results td,table.results th{padding:2px 4px} table.results th{white-space:normal} tr.ensemble td{font-weight:600;background:#f6f6ee} tr.noise td{color:#555}
 figure{margin:.3em 0} figure img{max-width:100%;display:block} .note,figcaption{color:#555;font-size:90%}
 """
 
