@@ -85,7 +85,7 @@ def _reference(model, x, y, ens, bs:int, run=None):
     out.update(positions=pos.tolist(), n=len(pos), misclassified=len(x) - len(pos))
     if not len(pos): return out
     res = audit_attacks(model, x[pos], y[pos], ens, n=None, sample='first', bs=bs, run=run, part='reference')
-    return out | dict(table=ensemble_table(res), skipped_members=res['record'].skipped, **_per_image(res['record']))
+    return out | dict(table=ensemble_table(res), **_per_image(res['record']))
 
 def _not_requested(opts, reference, source, corruptions, maps):
     "`{work: how to ask for it}` for each optional part of the audit that was not asked for."
@@ -155,7 +155,7 @@ def audit(model, # the classifier, taking [0,1] inputs
     result = dict(model=type(model).__name__, meta=getattr(model, 'meta', None), protocol=p.record(), norm=ens.attack.norm, seed=seed,
                   members={n: member_settings(a) for n,a in ens.members.items()}, restarts=ens.restarts, noise_draws=ens.noise_draws,
                   table=ensemble_table(res), n=len(idx), idx=idx.tolist(), classes=class_counts(y[idx]), n_classes=len(torch.unique(torch.as_tensor(y))),
-                  tried=res['tried'], skipped_misclassified=res['tried'] - len(idx), skipped_members=rec.skipped,
+                  tried=res['tried'], skipped_misclassified=res['tried'] - len(idx),
                   found_by=rec.found_by, found_by_IN=rec.found_by_IN, **_per_image(rec),
                   per_member={m: {k: v.float().tolist() for k,v in d.items() if k in ('IN', 'CO')} for m,d in rec.members.items()},
                   not_requested=_not_requested(opts, reference, source, corruptions, maps), environment=environment(model_device(model)))
@@ -390,23 +390,16 @@ def _settings(r:dict):
     return '<ul>' + ''.join(f'<li>{html.escape(i)}</li>' for i in items) + '</ul>'
 
 # %% ../nbs/15_report.ipynb #f587cbb1
-def _reason(why:str):
-    "A member's reason for not running, as a sentence: the exception's or warning's class name and code quotes left out."
-    import re
-    return re.sub(r'^\s*\w+(Error|Warning|Exception)\s*:\s*', '', str(why)).replace('`', '').strip().rstrip('.')
-
 def _not_run(r:dict):
     "The work that was not done or not counted, in words (an HTML list; None if there is none)."
-    items = [f"Member <b>{_e(m)}</b> could not run on this model and is left out: {_e(_reason(why))}." for m,why in r['skipped_members'].items()]
-    flat = sum(v != v for v in r['per_image']['CO'])  # constant clean maps: NaN for every attack
+    items, flat = [], sum(v != v for v in r['per_image']['CO'])  # constant clean maps: NaN for every attack
     if flat: items.append(f"{flat} of the {r['n']} images have a constant clean map (no ranking to compare): left out of the means.")
     for name, row in r['table'].items():
-        if row['skipped'] > flat and name not in r['skipped_members']:
+        if row['skipped'] > flat:
             items.append(f"Member <b>{_e(name)}</b> did not run on {row['skipped'] - flat} of the {r['n']} images; there the worst case is over the other members.")
     ref = r.get('reference')
     if ref and ref['misclassified']:
         items.append(f"The reference model misclassifies {ref['misclassified']} of the {r['n']} audited images; they are left out of the comparison.")
-    if ref: items += [f"Member <b>{_e(m)}</b> could not run on the reference model: {_e(_reason(why))}." for m,why in ref.get('skipped_members', {}).items()]
     if r['not_requested']: items.append('Not requested: ' + '; '.join(f"{_e(w)} (<code>{_e(f)}</code>)" for w,f in r['not_requested'].items()) + '.')
     return '<ul>' + ''.join(f'<li>{i}</li>' for i in items) + '</ul>' if items else None
 
